@@ -1,0 +1,3 @@
+from accelcore.cli import main
+
+raise SystemExit(main())

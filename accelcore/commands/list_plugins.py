@@ -1,0 +1,64 @@
+"""``accelcore list-plugins``: what every loaded plugin provides and whether it runs here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("list-plugins", help="list plugins, what they provide, availability",
+                              description="List every plugin (built-in and third-party, loaded "
+                                          "through the `accelcore` entry-point group).")
+    p.add_argument("--kind", help="only this kind (model, data, strategy, precision, backend, "
+                                  "reporter)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                   help="also load an unpackaged plugin module")
+    p.set_defaults(handler=handle)
+
+
+def rows(kind: str | None = None, extra: list[str] | None = None) -> list[dict]:
+    from accelcore.plugins import get_plugin_manager
+
+    pm = get_plugin_manager(extra or [])
+    out = []
+    for provided in pm.declarations():
+        d, rec = provided.declaration, provided.plugin
+        if kind and d.kind != kind:
+            continue
+        out.append({"plugin": rec.name, "kind": d.kind, "provides": d.name,
+                    "available": d.available, "reason": d.reason, "summary": d.summary,
+                    "version": rec.version, "distribution": rec.distribution})
+    for rec in pm.broken():
+        if kind is None:
+            out.append({"plugin": rec.name, "kind": "?", "provides": rec.module,
+                        "available": False, "reason": f"failed to load: {rec.error}",
+                        "summary": "", "version": rec.version,
+                        "distribution": rec.distribution})
+    order = ("model", "data", "strategy", "precision", "backend", "reporter", "?")
+    out.sort(key=lambda r: (order.index(r["kind"]) if r["kind"] in order else 99,
+                            r["plugin"], r["provides"]))
+    return out
+
+
+def handle(args: argparse.Namespace) -> int:
+    table = rows(args.kind, args.plugins)
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    headers = ["plugin", "kind", "provides", "available", "version", "distribution",
+               "what it does / why not"]
+    lines = []
+    for r in table:
+        note = r["summary"] if r["available"] else f"{r['reason']}"
+        lines.append([r["plugin"], r["kind"], r["provides"], "yes" if r["available"] else "no",
+                      r["version"], r["distribution"], note])
+    widths = [max(len(h), *(len(str(line[i])) for line in lines)) if lines else len(h)
+              for i, h in enumerate(headers)]
+    widths[-1] = len(headers[-1])  # the last column is free text
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for line in lines:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+    return 0

@@ -1,0 +1,288 @@
+"""Training and evaluation data loaders.
+
+Training: one shuffled pass per epoch, reshuffled from (seed, epoch), disjoint per-rank shards,
+fixed-shape float tensors. Each sample carries its own augmentation seed drawn from
+(seed, epoch, rank), so augmentation differs every epoch, never repeats across workers, and does
+not depend on how many workers there are (persistent workers cannot be re-seeded per epoch by
+``worker_init_fn``, so the seed travels with the index instead). The mosaic on/off flag travels
+the same way: ``close_mosaic()`` in the main process reaches persistent workers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from accelcore.data.preprocess import letterbox
+from accelcore.errors import DataError
+
+
+def _mix(*values: int) -> int:
+    """A 32-bit seed from several integers (stable across processes, unlike hash())."""
+    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1)[0])
+
+
+class EpochBatchSampler:
+    """Batches of ``(index, sample_seed, mosaic)`` for this rank; call ``set_epoch`` each epoch.
+
+    The epoch permutation depends only on (seed, epoch), so all ranks agree on it; rank r takes
+    every world_size-th element. With ``drop_last`` the permutation is cut to a multiple of
+    world_size and the last incomplete batch is dropped; without it, shards are padded by
+    wrapping around (like ``DistributedSampler``) so every rank runs the same number of steps.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        shuffle: bool = True,
+        dataset: Any = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.size = int(size)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.drop_last = bool(drop_last)
+        self.shuffle = bool(shuffle)
+        self.epoch = 0
+        self.dataset = dataset  # read for its mosaic flag at iteration time
+        self.mosaic = True
+        if len(self) == 0:
+            raise DataError(
+                f"dataset of {self.size} images gives no batch of {self.batch_size} per rank "
+                f"(world_size {self.world_size}, drop_last={self.drop_last}); use a smaller batch"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _per_rank(self) -> int:
+        if self.drop_last:
+            return self.size // self.world_size
+        return math.ceil(self.size / self.world_size)
+
+    def indices(self) -> np.ndarray:
+        """This rank's dataset indices for the current epoch, in order."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch]).permutation(
+                self.size
+            )
+        else:
+            order = np.arange(self.size)
+        total = self._per_rank() * self.world_size
+        if total > self.size:
+            order = np.resize(order, total)  # wrap around to pad
+        return order[self.rank : total : self.world_size]
+
+    def __len__(self) -> int:
+        per = self._per_rank()
+        return per // self.batch_size if self.drop_last else math.ceil(per / self.batch_size)
+
+    def _mosaic_flag(self) -> bool:
+        flag = getattr(self.dataset, "enable_mosaic", True) if self.dataset is not None else True
+        return bool(flag) and self.mosaic
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
+        idx = self.indices()
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, self.rank, 0xA06])
+        seeds = rng.integers(0, 2**63 - 1, size=len(idx), dtype=np.int64)
+        mosaic = self._mosaic_flag()
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield [(int(i), int(s), mosaic) for i, s in zip(idx[sl], seeds[sl])]
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """Turns sampler keys into dataset calls with per-sample seeding."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.native = hasattr(dataset, "close_mosaic") and hasattr(dataset, "enable_mosaic")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, bool]) -> Any:
+        index, seed, mosaic = key
+        if self.native:
+            return self.dataset[(index, seed, mosaic)]
+        # Any other dataset: make global RNG use deterministic per sample.
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        return self.dataset[index]
+
+
+def collate_train(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(chw_float32, targets [max_labels, 5], …)`` items into ``(images, targets)``."""
+    try:
+        images = np.stack([np.asarray(item[0], dtype=np.float32) for item in batch])
+        targets = np.stack([np.asarray(item[1], dtype=np.float32) for item in batch])
+    except ValueError as e:
+        shapes = sorted({(np.shape(item[0]), np.shape(item[1])) for item in batch})
+        raise DataError(
+            f"training items must have fixed shapes (wrap the dataset in MosaicDetection); got "
+            f"image/target shapes {shapes}: {e}"
+        ) from None
+    if images.ndim != 4 or targets.ndim != 3 or targets.shape[-1] != 5:
+        raise DataError(
+            f"training items must be CHW images and [max_labels, 5] targets, got "
+            f"{images.shape[1:]} and {targets.shape[1:]}"
+        )
+    return torch.from_numpy(images), torch.from_numpy(targets)
+
+
+def _worker_init(seed: int, rank: int, worker_id: int) -> None:
+    # Fallback seeding for anything that still uses global RNGs; distinct per (seed, rank, worker).
+    s = _mix(seed, rank, worker_id, 0xC0FFEE)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    cv2.setNumThreads(1)  # workers are already parallel; avoid oversubscribing the cores
+
+
+class _WorkerInit:
+    """Picklable worker_init_fn (also works with the spawn start method)."""
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.seed, self.rank = seed, rank
+
+    def __call__(self, worker_id: int) -> None:
+        _worker_init(self.seed, self.rank, worker_id)
+
+
+class TrainLoader:
+    """Iterable of ``(images [B,3,H,W] float32, targets [B,max_labels,5] float32)`` batches."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        num_workers: int = 2,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        multiprocessing_context: Any = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.sampler = EpochBatchSampler(
+            len(dataset), batch_size, seed, rank, world_size, drop_last, dataset=dataset
+        )
+        kwargs: dict[str, Any] = {}
+        if num_workers > 0:
+            kwargs.update(
+                persistent_workers=persistent_workers,
+                prefetch_factor=prefetch_factor,
+                worker_init_fn=_WorkerInit(seed, rank),
+                multiprocessing_context=multiprocessing_context,
+            )
+        self.loader = DataLoader(
+            _SeededItems(dataset),
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=collate_train,
+            pin_memory=pin_memory,
+            **kwargs,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def close_mosaic(self) -> None:
+        """No mosaic/mixup from the next epoch on, in every worker (persistent ones included)."""
+        self.sampler.mosaic = False
+        if hasattr(self.dataset, "close_mosaic"):
+            self.dataset.close_mosaic()
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)
+
+
+def build_train_loader(
+    dataset: Any,
+    batch_size: int,
+    num_workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = True,
+    **kwargs: Any,
+) -> TrainLoader:
+    """Training loader over ``dataset`` (normally a ``MosaicDetection``); see :class:`TrainLoader`.
+
+    ``batch_size`` is per rank. Extra kwargs: ``persistent_workers``, ``prefetch_factor``,
+    ``multiprocessing_context``, ``pin_memory``.
+    """
+    return TrainLoader(dataset, batch_size, num_workers, seed, rank, world_size, drop_last, **kwargs)
+
+
+class _EvalItems(torch.utils.data.Dataset):
+    def __init__(self, dataset: Any, input_size: Sequence[int], indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.indices = list(indices)
+        self._pull = getattr(dataset, "pull_item", dataset.__getitem__)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, float, int, tuple[int, int]]:
+        img, _, _, img_id = self._pull(self.indices[i])
+        chw, ratio = letterbox(img, self.input_size)
+        return chw, ratio, int(img_id), (int(img.shape[0]), int(img.shape[1]))
+
+
+def collate_eval(
+    batch: Sequence[tuple[np.ndarray, float, int, tuple[int, int]]],
+) -> tuple[torch.Tensor, list[float], list[int], list[tuple[int, int]]]:
+    images, ratios, ids, sizes = zip(*batch)
+    return torch.from_numpy(np.stack(images)), list(ratios), list(ids), list(sizes)
+
+
+def build_eval_loader(
+    dataset: Any,
+    batch_size: int,
+    input_size: Sequence[int],
+    num_workers: int = 0,
+    indices: Sequence[int] | None = None,
+) -> DataLoader:
+    """In-order loader of ``(images [B,3,H,W], ratios, image_ids, [(h, w), …])`` (letterboxed)."""
+    if indices is None:
+        indices = range(len(dataset))
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs["worker_init_fn"] = _WorkerInit(0, 0)
+    return DataLoader(
+        _EvalItems(dataset, input_size, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_eval,
+        **kwargs,
+    )

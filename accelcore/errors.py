@@ -1,0 +1,27 @@
+"""Errors that reach the user as one clear line (never a bare traceback)."""
+
+from __future__ import annotations
+
+
+class AccelcoreError(Exception):
+    """Base class: the CLI prints ``str(error)`` on one line and exits non-zero."""
+
+
+class RecipeError(AccelcoreError):
+    """A recipe is malformed: unknown key, wrong type, missing file, unknown name."""
+
+
+class PluginError(AccelcoreError):
+    """A plugin failed to load, or a needed plugin/method/strategy is unavailable."""
+
+
+class DataError(AccelcoreError):
+    """A dataset cannot be used as given (missing folder, corrupt json, bad ids)."""
+
+
+class CheckpointError(AccelcoreError):
+    """A checkpoint cannot be loaded into the requested model."""
+
+
+class BackendUnavailable(PluginError):
+    """A backend cannot run on this machine; the message carries the reason."""

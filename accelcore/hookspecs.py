@@ -1,0 +1,107 @@
+"""The hook contract between the accelcore core and its plugins (pluggy project ``accelcore``).
+
+Every stage of the pipeline is one of these hooks. A plugin is any module (usually a package
+registered under the ``accelcore`` entry-point group) that implements some of them with
+``@accelcore.hookimpl``. Built-in plugins are loaded exactly like third-party ones.
+
+Dispatch by name: hooks marked ``firstresult`` are called until one implementation returns
+something other than ``None``; an implementation returns ``None`` for names it does not own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from accelcore.interfaces import (
+        AcceleratedModel,
+        AccelerateRequest,
+        Declaration,
+        Precision,
+        TrainJob,
+    )
+
+PROJECT = "accelcore"
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec
+def accelcore_declare() -> list[Declaration]:
+    """Say what this plugin provides and whether it can run on this machine.
+
+    Return one :class:`~accelcore.interfaces.Declaration` per model, data source, strategy,
+    precision, backend method or reporter. Must be cheap: check availability with
+    ``importlib.util.find_spec`` / package metadata, never by importing a heavy dependency.
+    """
+
+
+@hookspec(firstresult=True)
+def accelcore_build_model(config: Any) -> Any:
+    """Build the ``torch.nn.Module`` named by ``config.name`` (a ``ModelConfig``).
+
+    Load ``config.checkpoint`` if set. Return ``None`` for model names this plugin does not own.
+    """
+
+
+@hookspec(firstresult=True)
+def accelcore_build_data(config: Any, split: str, run_dir: Path) -> Any:
+    """Build the dataset for ``split`` ("train" or "val") from a ``DataConfig``.
+
+    ``run_dir`` is where generated data (e.g. the synthetic default set) may be cached.
+    Return ``None`` if this plugin does not handle the configured source.
+    """
+
+
+@hookspec(firstresult=True)
+def accelcore_precision(name: str) -> Precision | None:
+    """Return a :class:`~accelcore.interfaces.Precision` for ``name`` ("64", "32", "16", "bf16")."""
+
+
+@hookspec(firstresult=True)
+def accelcore_train(strategy: str, job: TrainJob) -> dict | None:
+    """Run training with the named strategy ("single", "subprocess", "spawn", "ray").
+
+    The strategy owns processes and their wiring; the training loop itself is the core's
+    ``accelcore.training.loop.fit`` and is never copied. Return the training summary dict.
+    """
+
+
+@hookspec(firstresult=True)
+def accelcore_prepare_training(model: Any, optimizer: Any, config: Any) -> tuple | None:
+    """Optionally transform ``(model, optimizer)`` before training (e.g. ``ipex.optimize``).
+
+    ``config`` is the recipe's ``TrainConfig``. Return the new pair, or ``None`` to leave them.
+    Raise :class:`~accelcore.errors.BackendUnavailable` if asked for something that cannot run.
+    """
+
+
+@hookspec(firstresult=True)
+def accelcore_accelerate(method: str, model: Any, request: AccelerateRequest) -> AcceleratedModel | None:
+    """Turn an eval-mode model into an accelerated callable for ``method``.
+
+    ``model`` is in raw-output mode: float32 NCHW BGR 0-255 images in, undecoded head output
+    ``[B, N, 5 + C]`` out. The returned callable keeps exactly that contract (decode and NMS stay
+    in fp32 in the core). Raise :class:`~accelcore.errors.BackendUnavailable` with the reason if
+    the method cannot run here. Return ``None`` for methods this plugin does not own.
+    """
+
+
+@hookspec(firstresult=True)
+def accelcore_load_artifact(method: str, folder: Path, manifest: dict) -> AcceleratedModel | None:
+    """Load a saved artifact folder written for ``method``; ``None`` if not this plugin's."""
+
+
+@hookspec(firstresult=True)
+def accelcore_validate(predictor: Any, dataset: Any, options: Any) -> dict | None:
+    """Compute metrics (COCO AP50:95, AP50, …) for ``predictor`` on ``dataset``."""
+
+
+@hookspec
+def accelcore_report(results: dict, run_dir: Path, formats: list[str]) -> list[Path]:
+    """Write ``results`` in each format this reporter owns and that ``formats`` names.
+
+    Every reporter is called; return the paths written (empty if none).
+    """

@@ -1,0 +1,167 @@
+"""The plugin manager: built-in and third-party plugins load the same way, by entry point.
+
+Every distribution that declares ``[project.entry-points.accelcore]`` is a plugin; the built-in
+ones in ``plugins/`` are registered exactly like that in our own pyproject. ``--plugin
+module.path`` adds an unpackaged module. A plugin that fails to import is recorded with its
+error and reported by ``list-plugins``; it only becomes fatal when a recipe needs something that
+plugin would have provided.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterable
+
+import pluggy
+
+from accelcore import hookspecs
+from accelcore.errors import PluginError
+from accelcore.interfaces import Declaration
+
+log = logging.getLogger(__name__)
+ENTRY_POINT_GROUP = "accelcore"
+hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)  # same marker as accelcore.hookimpl
+
+
+@dataclass
+class PluginRecord:
+    """Where a plugin came from and whether it loaded."""
+
+    name: str
+    module: str
+    distribution: str
+    version: str
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Provided:
+    """A declaration together with the plugin that made it."""
+
+    plugin: PluginRecord
+    declaration: Declaration
+
+
+class PluginManager(pluggy.PluginManager):
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
+        self.records: dict[str, PluginRecord] = {}
+        self._declared: list[Provided] | None = None
+
+    # -- loading
+    def load_entry_points(self) -> None:
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+                         key=lambda e: e.name):
+            if ep.name in self.records:
+                continue
+            dist = getattr(ep, "dist", None)
+            record = PluginRecord(
+                name=ep.name, module=ep.value,
+                distribution=dist.metadata["Name"] if dist else "?",
+                version=dist.version if dist else "?",
+            )
+            self.records[ep.name] = record
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin is reported, not fatal
+                record.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                log.warning("plugin %s (%s) failed to load: %s", ep.name, ep.value, record.error)
+                continue
+            self._register_module(module, ep.name, record)
+
+    def load_module(self, path: str) -> None:
+        """Load an unpackaged plugin module by import path (``--plugin module.path``)."""
+        if path in self.records:
+            return
+        record = PluginRecord(name=path, module=path, distribution="(--plugin)", version="")
+        self.records[path] = record
+        try:
+            module = importlib.import_module(path)
+        except Exception as exc:
+            record.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise PluginError(f"--plugin {path}: cannot import: {record.error}") from None
+        dist_version = getattr(module, "__version__", "")
+        record.version = str(dist_version)
+        self._register_module(module, path, record)
+
+    def _register_module(self, module: ModuleType, name: str, record: PluginRecord) -> None:
+        if self.is_registered(module):
+            return
+        try:
+            self.register(module, name=name)
+        except Exception as exc:  # e.g. a hookimpl with an unknown hook name
+            record.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.warning("plugin %s failed to register: %s", name, record.error)
+        self._declared = None
+
+    # -- what plugins provide
+    def declarations(self) -> list[Provided]:
+        if self._declared is None:
+            provided: list[Provided] = []
+            for impl in self.hook.accelcore_declare.get_hookimpls():
+                record = self.records.get(impl.plugin_name) or PluginRecord(
+                    impl.plugin_name, impl.plugin_name, "?", "?")
+                try:
+                    decls = impl.function() or []
+                except Exception as exc:
+                    record.error = f"declare failed: {type(exc).__name__}: {exc}"
+                    continue
+                provided.extend(Provided(record, d) for d in decls)
+            self._declared = provided
+        return self._declared
+
+    def names(self, kind: str) -> list[str]:
+        return sorted({p.declaration.name for p in self.declarations()
+                       if p.declaration.kind == kind})
+
+    def find(self, kind: str, name: str) -> Provided | None:
+        for provided in self.declarations():
+            if provided.declaration.kind == kind and provided.declaration.name == name:
+                return provided
+        return None
+
+    def broken(self) -> list[PluginRecord]:
+        return [r for r in self.records.values() if r.error]
+
+    def require(self, kind: str, name: str, key: str, available: bool = True) -> Declaration:
+        """The declaration for ``name`` or a one-line error naming the recipe ``key``."""
+        provided = self.find(kind, name)
+        if provided is None:
+            options = self.names(kind)
+            close = difflib.get_close_matches(name, options, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            broken = "; ".join(f"plugin '{r.name}' failed to load ({r.error})"
+                               for r in self.broken())
+            note = f"; note: {broken}" if broken else ""
+            raise PluginError(f"{key}: unknown {kind} '{name}'{hint}; "
+                              f"available: {', '.join(options) or 'none'}{note}")
+        if available and not provided.declaration.available:
+            raise PluginError(f"{key}: {kind} '{name}' is unavailable here: "
+                              f"{provided.declaration.reason}")
+        return provided.declaration
+
+
+_MANAGER: PluginManager | None = None
+
+
+def get_plugin_manager(extra_modules: Iterable[str] = ()) -> PluginManager:
+    """The process-wide plugin manager, with entry points loaded (and any extra modules)."""
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = PluginManager()
+        _MANAGER.load_entry_points()
+    for path in extra_modules:
+        _MANAGER.load_module(path)
+    return _MANAGER
+
+
+def reset_plugin_manager() -> None:
+    """Forget the loaded plugins (tests use this after installing a plugin)."""
+    global _MANAGER
+    _MANAGER = None

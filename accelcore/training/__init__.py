@@ -1,0 +1,1 @@
+"""The core training engine: one loop (``loop.fit``) shared by every strategy and precision."""

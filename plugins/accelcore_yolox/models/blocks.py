@@ -1,0 +1,171 @@
+"""Building blocks of YOLOX (conv-BN-act, depthwise conv, CSP layer, SPP, Focus stem).
+
+Attribute names (``conv``, ``bn``, ``dconv``, ``pconv``, ``conv1``…, ``m``) follow the official
+YOLOX implementation so that its checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Official YOLOX overrides BatchNorm defaults for every model size (``init_yolo`` in its Exp).
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.03
+
+
+def make_activation(name: str = "silu") -> nn.Module:
+    """Activation by name.
+
+    Not in-place (official uses ``inplace=True``): in-place ops complicate torch.export /
+    quantization graph rewriting, and the memory saving is small on CPU.
+    """
+    if name == "silu":
+        return nn.SiLU()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "lrelu":
+        return nn.LeakyReLU(0.1)
+    raise ValueError(f"unsupported activation '{name}' (use silu, relu or lrelu)")
+
+
+class BaseConv(nn.Module):
+    """Conv2d (no bias, 'same' padding) -> BatchNorm2d -> activation."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        ksize: int,
+        stride: int,
+        groups: int = 1,
+        bias: bool = False,
+        act: str = "silu",
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size=ksize,
+            stride=stride,
+            padding=(ksize - 1) // 2,
+            groups=groups,
+            bias=bias,
+        )
+        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.act = make_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class DWConv(nn.Module):
+    """Depthwise kxk BaseConv followed by a pointwise 1x1 BaseConv (used by YOLOX-Nano)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, ksize: int, stride: int = 1, act: str = "silu"
+    ) -> None:
+        super().__init__()
+        self.dconv = BaseConv(
+            in_channels, in_channels, ksize=ksize, stride=stride, groups=in_channels, act=act
+        )
+        self.pconv = BaseConv(in_channels, out_channels, ksize=1, stride=1, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pconv(self.dconv(x))
+
+
+def conv_type(depthwise: bool) -> type[nn.Module]:
+    """The 3x3 conv flavour used by a model: depthwise-separable or plain."""
+    return DWConv if depthwise else BaseConv
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce then 3x3 conv, with a residual add when shapes allow it."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        shortcut: bool = True,
+        expansion: float = 0.5,
+        depthwise: bool = False,
+        act: str = "silu",
+    ) -> None:
+        super().__init__()
+        hidden = int(out_channels * expansion)
+        self.conv1 = BaseConv(in_channels, hidden, 1, stride=1, act=act)
+        self.conv2 = conv_type(depthwise)(hidden, out_channels, 3, stride=1, act=act)
+        self.use_add = shortcut and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(self.conv1(x))
+        return y + x if self.use_add else y
+
+
+class SPPBottleneck(nn.Module):
+    """Spatial pyramid pooling (max-pools 5/9/13, stride 1) between two 1x1 convs."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_sizes: tuple[int, ...] = (5, 9, 13),
+        activation: str = "silu",
+    ) -> None:
+        super().__init__()
+        hidden = in_channels // 2
+        self.conv1 = BaseConv(in_channels, hidden, 1, stride=1, act=activation)
+        self.m = nn.ModuleList(
+            nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2) for k in kernel_sizes
+        )
+        self.conv2 = BaseConv(hidden * (len(kernel_sizes) + 1), out_channels, 1, 1, act=activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        return self.conv2(torch.cat([x, *(pool(x) for pool in self.m)], dim=1))
+
+
+class CSPLayer(nn.Module):
+    """CSP block (YOLOv5 C3): two 1x1 branches, n bottlenecks on one, concat, 1x1 fuse."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        n: int = 1,
+        shortcut: bool = True,
+        expansion: float = 0.5,
+        depthwise: bool = False,
+        act: str = "silu",
+    ) -> None:
+        super().__init__()
+        hidden = int(out_channels * expansion)
+        self.conv1 = BaseConv(in_channels, hidden, 1, stride=1, act=act)
+        self.conv2 = BaseConv(in_channels, hidden, 1, stride=1, act=act)
+        self.conv3 = BaseConv(2 * hidden, out_channels, 1, stride=1, act=act)
+        self.m = nn.Sequential(
+            *(Bottleneck(hidden, hidden, shortcut, 1.0, depthwise, act=act) for _ in range(n))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(torch.cat((self.m(self.conv1(x)), self.conv2(x)), dim=1))
+
+
+class Focus(nn.Module):
+    """Space-to-depth stem: 2x2 pixel blocks become 4x channels, then one BaseConv."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, ksize: int = 1, stride: int = 1, act: str = "silu"
+    ) -> None:
+        super().__init__()
+        self.conv = BaseConv(in_channels * 4, out_channels, ksize, stride, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Channel order (top-left, bottom-left, top-right, bottom-right) must match the official
+        # one, otherwise pretrained stem weights see permuted inputs.
+        tl = x[..., ::2, ::2]
+        bl = x[..., 1::2, ::2]
+        tr = x[..., ::2, 1::2]
+        br = x[..., 1::2, 1::2]
+        return self.conv(torch.cat((tl, bl, tr, br), dim=1))

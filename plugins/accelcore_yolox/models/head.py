@@ -1,0 +1,77 @@
+"""YOLOXHead: decoupled, anchor-free head (separate cls and reg/obj branches per level)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .blocks import BaseConv, conv_type
+
+
+class YOLOXHead(nn.Module):
+    """Per level: 1x1 stem, two 3x3 convs per branch, 1x1 predictors for cls / reg / obj.
+
+    ``forward`` always returns the raw output ``[B, N, 5 + C]`` = (reg dx, dy, log w, log h,
+    obj logit, cls logits…) over all levels, anchors ordered level-major then row-major like
+    official YOLOX. Decoding and the loss live outside the module graph (see ``postprocess``
+    and ``loss``) so exported / quantized graphs never contain them.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        width: float = 1.0,
+        strides: tuple[int, ...] = (8, 16, 32),
+        in_channels: tuple[int, ...] = (256, 512, 1024),
+        act: str = "silu",
+        depthwise: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.strides = tuple(strides)
+        # L1 loss on raw reg outputs; official enables it for the last no-augmentation epochs.
+        self.use_l1 = False
+        conv = conv_type(depthwise)
+        hidden = int(256 * width)
+
+        self.stems = nn.ModuleList()
+        self.cls_convs = nn.ModuleList()
+        self.reg_convs = nn.ModuleList()
+        self.cls_preds = nn.ModuleList()
+        self.reg_preds = nn.ModuleList()
+        self.obj_preds = nn.ModuleList()
+        for ch in in_channels:
+            self.stems.append(BaseConv(int(ch * width), hidden, ksize=1, stride=1, act=act))
+            self.cls_convs.append(
+                nn.Sequential(conv(hidden, hidden, 3, 1, act=act), conv(hidden, hidden, 3, 1, act=act))
+            )
+            self.reg_convs.append(
+                nn.Sequential(conv(hidden, hidden, 3, 1, act=act), conv(hidden, hidden, 3, 1, act=act))
+            )
+            self.cls_preds.append(nn.Conv2d(hidden, num_classes, kernel_size=1))
+            self.reg_preds.append(nn.Conv2d(hidden, 4, kernel_size=1))
+            self.obj_preds.append(nn.Conv2d(hidden, 1, kernel_size=1))
+
+    def initialize_biases(self, prior_prob: float = 1e-2) -> None:
+        """Start cls/obj predictions at ``prior_prob`` so early training is not swamped by
+        the loss of ~all-negative anchors (focal-loss style prior init)."""
+        value = -math.log((1 - prior_prob) / prior_prob)
+        with torch.no_grad():
+            for conv in (*self.cls_preds, *self.obj_preds):
+                conv.bias.fill_(value)
+
+    def forward(self, feats: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+        outputs = []
+        for k, x in enumerate(feats):
+            x = self.stems[k](x)
+            cls_feat = self.cls_convs[k](x)
+            reg_feat = self.reg_convs[k](x)
+            out = torch.cat(
+                [self.reg_preds[k](reg_feat), self.obj_preds[k](reg_feat), self.cls_preds[k](cls_feat)],
+                dim=1,
+            )
+            outputs.append(out.flatten(start_dim=2))
+        # [B, 5+C, N] -> [B, N, 5+C]
+        return torch.cat(outputs, dim=2).permute(0, 2, 1)
