@@ -108,6 +108,12 @@ class TrainConfig:
     threads: int | None = None
     print_interval: int = 10
     quiet: bool = False
+    # Also save checkpoints/last.pth every N iterations (0: only at the end of each epoch).
+    checkpoint_interval: int = 0
+    # glibc mallopt tuning (no mmap for big blocks, no trimming): avoids page-fault storms.
+    malloc_tuning: bool = True
+    # Allocator LD_PRELOADed into worker processes (subprocess/spawn/ray strategies).
+    allocator: Literal["default", "jemalloc", "tcmalloc"] = "default"
 
 
 @dataclass
@@ -133,8 +139,12 @@ class AccelerateConfig:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     accuracy_criterion: AccuracyCriterion = field(default_factory=AccuracyCriterion)
     save: Literal["best", "all", "none"] = "best"
-    # Per-method timeout is not enforced in-process; a failing method is recorded and skipped.
     threads: int | None = None
+    # Run each method in a fresh process (clean allocator, threads, compiler caches; a crash
+    # becomes a "failed" row instead of ending the run).
+    isolate: bool = True
+    # Per-method backend options, e.g. {openvino_int8: {async: true, streams: 2}}.
+    options: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -310,6 +320,16 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
                 f"{source}: {where}: {value!r} is not allowed{hint}; "
                 f"allowed: {', '.join(map(str, allowed))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: {where}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(key_tp, k, f"{where}", source):
+                _coerce(value_tp, v, f"{where}.{k}", source) for k, v in value.items()}
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise RecipeError(f"{source}: {where}: expected a mapping, got {value!r}")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -372,7 +392,8 @@ def _check_semantics(recipe: Recipe) -> None:
         if value < 1:
             raise RecipeError(f"{src}: {key}: must be >= 1, got {value}")
     if recipe.train.max_iters is not None and recipe.train.max_iters < 1:
-        raise RecipeError(f"{src}: train.max_iters: must be >= 1 or null, got {recipe.train.max_iters}")
+        raise RecipeError(
+            f"{src}: train.max_iters: must be >= 1 or null, got {recipe.train.max_iters}")
     size = recipe.model.input_size
     if size is not None and (len(size) != 2 or any(s % 32 or s <= 0 for s in size)):
         raise RecipeError(f"{src}: model.input_size: expected [H, W], multiples of 32, got {size}")

@@ -79,7 +79,8 @@ def accelcore_prepare_training(model: Any, optimizer: Any, config: Any) -> tuple
 
 
 @hookspec(firstresult=True)
-def accelcore_accelerate(method: str, model: Any, request: AccelerateRequest) -> AcceleratedModel | None:
+def accelcore_accelerate(method: str, model: Any,
+                         request: AccelerateRequest) -> AcceleratedModel | None:
     """Turn an eval-mode model into an accelerated callable for ``method``.
 
     ``model`` is in raw-output mode: float32 NCHW BGR 0-255 images in, undecoded head output
@@ -95,8 +96,14 @@ def accelcore_load_artifact(method: str, folder: Path, manifest: dict) -> Accele
 
 
 @hookspec(firstresult=True)
-def accelcore_validate(predictor: Any, dataset: Any, options: Any) -> dict | None:
-    """Compute metrics (COCO AP50:95, AP50, …) for ``predictor`` on ``dataset``."""
+def accelcore_validate(predictor: Any, dataset: Any, options: Any, input_size: tuple[int, int],
+                       out_dir: Path | None) -> dict | None:
+    """Compute metrics (COCO AP50:95, AP50, …) for ``predictor`` on ``dataset``.
+
+    ``predictor(images[B,3,H,W]) -> list of (K, 6) arrays`` in network-input pixels;
+    ``options`` is the recipe's ``ValidateConfig``; per-image detections and per-class AP go to
+    ``out_dir`` when given. Return ``None`` for datasets this plugin does not own.
+    """
 
 
 @hookspec

@@ -141,11 +141,11 @@ def validate(pm: PluginManager, recipe: Recipe, run_dir: Path, checkpoint: str |
     dataset = build_data(pm, recipe, "val", run_dir)
     predictor = Predictor(model, model, raw=False, conf_thre=recipe.validate.conf_thre,
                           nms_thre=recipe.validate.nms_thre)
-    metrics = pm.hook.accelcore_validate(predictor=predictor, dataset=dataset,
-                                        options=recipe.validate)
+    metrics = pm.hook.accelcore_validate(
+        predictor=predictor, dataset=dataset, options=recipe.validate,
+        input_size=tuple(model.meta["input_size"]), out_dir=run_dir / "validate")
     if metrics is None:
         raise PluginError("validate: no plugin implements accelcore_validate for this dataset")
-    metrics = {k: v for k, v in metrics.items()}
     (run_dir / "validate.json").write_text(json.dumps(metrics, indent=2, default=str))
     print(f"accelcore: validate AP50:95 {metrics.get('ap50_95', float('nan')):.4f} "
           f"AP50 {metrics.get('ap50', float('nan')):.4f}")

@@ -6,7 +6,8 @@ Eager models, accelerated artifacts and the training-time evaluator all go throu
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

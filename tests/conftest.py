@@ -23,7 +23,7 @@ def coco128_root() -> Path | None:
 def coco128() -> Path:
     root = coco128_root()
     if root is None:
-        pytest.skip("coco128 not found (set ACCELCORE_COCO128 or place it at ../shared/data/coco128)")
+        pytest.skip("coco128 not found (set ACCELCORE_COCO128 or put it at ../shared/data/coco128)")
     return root
 
 

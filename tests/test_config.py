@@ -18,7 +18,8 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_defaults_and_types(tmp_path: Path) -> None:
-    recipe = load_recipe(write(tmp_path / "r.yaml", "train:\n  batch_size: 16\n  precision: bf16\n"))
+    text = "train:\n  batch_size: 16\n  precision: bf16\n"
+    recipe = load_recipe(write(tmp_path / "r.yaml", text))
     assert isinstance(recipe, Recipe)
     assert recipe.name == "r"
     assert recipe.train.batch_size == 16 and recipe.train.precision == "bf16"
@@ -57,7 +58,8 @@ def test_extends_merges_and_detects_cycles(tmp_path: Path) -> None:
     ("train:\n  batch_size: many\n", "train.batch_size: expected int, got 'many'"),
     ("train:\n  nesterov: 3\n", "train.nesterov: expected bool"),
     ("stages: [trian]\n", "stages[0]: unknown stage 'trian' (did you mean 'train'?)"),
-    ("accelerate:\n  save: bets\n", "accelerate.save: 'bets' is not allowed (did you mean 'best'?)"),
+    ("accelerate:\n  save: bets\n",
+     "accelerate.save: 'bets' is not allowed (did you mean 'best'?)"),
     ("model:\n  checkpoint: /nonexistent/x.pth\n", "model.checkpoint: file not found"),
     ("data:\n  root: /nonexistent/data\n", "data.root: folder not found"),
     ("model:\n  input_size: [416, 400]\n", "model.input_size"),
@@ -97,7 +99,8 @@ def test_to_dict_round_trips(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_recipes_are_valid(path: Path) -> None:
+def test_shipped_recipes_are_valid(path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)  # recipes name files relative to the repository root
     try:
         load_recipe(path)
     except RecipeError as exc:

@@ -46,7 +46,8 @@ def accelcore_accelerate(method, model, request):
 '''
 
 
-def install_on_path(root: Path, dist: str, module: str, source: str, version: str = "0.3.1") -> None:
+def install_on_path(root: Path, dist: str, module: str, source: str,
+                    version: str = "0.3.1") -> None:
     """Put a package and its dist-info (with an ``accelcore`` entry point) under ``root`` —
     exactly what ``pip install`` leaves in site-packages, so importlib.metadata finds it."""
     (root / module).mkdir(parents=True)
@@ -66,7 +67,8 @@ def test_builtin_plugins_load_through_entry_points(fresh_plugins) -> None:
     assert "yolox_nano" in pm.names("model")
 
 
-def test_third_party_entry_point_and_broken_plugin(tmp_path: Path, monkeypatch, fresh_plugins) -> None:
+def test_third_party_entry_point_and_broken_plugin(tmp_path: Path, monkeypatch,
+                                                   fresh_plugins) -> None:
     install_on_path(tmp_path, "accelcore-thirdparty", "accelcore_thirdparty", THIRD_PARTY_PLUGIN)
     install_on_path(tmp_path, "accelcore-broken", "accelcore_broken",
                     "raise ImportError('needs libfoo.so')\n", version="1.0")

@@ -57,8 +57,8 @@ def handle(args: argparse.Namespace) -> int:
     widths = [max(len(h), *(len(str(line[i])) for line in lines)) if lines else len(h)
               for i, h in enumerate(headers)]
     widths[-1] = len(headers[-1])  # the last column is free text
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for line in lines:
-        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)))
     return 0

@@ -223,7 +223,7 @@ def mixup(
     if not keep.any():  # nothing of the pasted image would be labelled: leave img untouched
         return img, boxes
     added = np.concatenate([moved[keep], cp_boxes[keep, 4:5]], axis=1).astype(np.float32)
-    blended = (0.5 * img.astype(np.float32) + 0.5 * window.astype(np.float32)).astype(np.uint8)
+    blended = cv2.addWeighted(np.ascontiguousarray(img), 0.5, np.ascontiguousarray(window), 0.5, 0)
     return blended, np.concatenate([boxes.reshape(-1, 5).astype(np.float32), added], axis=0)
 
 

@@ -124,7 +124,9 @@ class COCODataset:
         if not self.image_dir.is_dir():
             raise DataError(f"image folder not found: {self.image_dir}")
         json_path = Path(json_file)
-        self.json_path = json_path if json_path.is_absolute() else self.root / "annotations" / json_file
+        if not json_path.is_absolute():
+            json_path = self.root / "annotations" / json_file
+        self.json_path = json_path
         self.name = image_dir
 
         data = load_coco_json(self.json_path)

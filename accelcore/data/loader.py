@@ -15,7 +15,6 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -105,7 +104,7 @@ class EpochBatchSampler:
         mosaic = self._mosaic_flag()
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            yield [(int(i), int(s), mosaic) for i, s in zip(idx[sl], seeds[sl])]
+            yield [(int(i), int(s), mosaic) for i, s in zip(idx[sl], seeds[sl], strict=True)]
 
 
 class _SeededItems(torch.utils.data.Dataset):
@@ -153,7 +152,8 @@ def _worker_init(seed: int, rank: int, worker_id: int) -> None:
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
-    cv2.setNumThreads(1)  # workers are already parallel; avoid oversubscribing the cores
+    # Deliberately no cv2.setNumThreads() here: reconfiguring OpenCV's thread pool inherited
+    # through fork() deadlocks (pthread_cond_destroy on the parent's pool state).
 
 
 class _WorkerInit:
@@ -239,7 +239,9 @@ def build_train_loader(
     ``batch_size`` is per rank. Extra kwargs: ``persistent_workers``, ``prefetch_factor``,
     ``multiprocessing_context``, ``pin_memory``.
     """
-    return TrainLoader(dataset, batch_size, num_workers, seed, rank, world_size, drop_last, **kwargs)
+    return TrainLoader(
+        dataset, batch_size, num_workers, seed, rank, world_size, drop_last, **kwargs
+    )
 
 
 class _EvalItems(torch.utils.data.Dataset):
@@ -247,7 +249,8 @@ class _EvalItems(torch.utils.data.Dataset):
         self.dataset = dataset
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.indices = list(indices)
-        self._pull = getattr(dataset, "pull_item", dataset.__getitem__)
+        pull = getattr(dataset, "pull_item", None)
+        self._pull = pull if pull is not None else dataset.__getitem__
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -261,7 +264,7 @@ class _EvalItems(torch.utils.data.Dataset):
 def collate_eval(
     batch: Sequence[tuple[np.ndarray, float, int, tuple[int, int]]],
 ) -> tuple[torch.Tensor, list[float], list[int], list[tuple[int, int]]]:
-    images, ratios, ids, sizes = zip(*batch)
+    images, ratios, ids, sizes = zip(*batch, strict=True)
     return torch.from_numpy(np.stack(images)), list(ratios), list(ids), list(sizes)
 
 

@@ -86,8 +86,8 @@ class MosaicDetection:
     """Training wrapper around a detection dataset (``pull_item`` / ``__getitem__`` items).
 
     ``__getitem__`` accepts an index or ``(index, seed[, mosaic])``; with a seed the augmentation
-    is a pure function of it (the training loader passes one per sample and epoch). ``close_mosaic()``
-    switches to plain ``TrainTransform`` for YOLOX's last ``no_aug_epochs``.
+    is a pure function of it (the training loader passes one per sample and epoch).
+    ``close_mosaic()`` switches to plain ``TrainTransform`` for YOLOX's last ``no_aug_epochs``.
     """
 
     def __init__(

@@ -46,5 +46,5 @@ def preprocess_batch(
     """Letterbox each BGR uint8 image and stack them into a float32 tensor ``[B, 3, H, W]``."""
     if len(images) == 0:
         raise ValueError("preprocess_batch needs at least one image")
-    arrays, ratios = zip(*(letterbox(img, input_size) for img in images))
+    arrays, ratios = zip(*(letterbox(img, input_size) for img in images), strict=True)
     return torch.from_numpy(np.stack(arrays)), list(ratios)

@@ -90,3 +90,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
                          npst["has_gauss"], npst["cached"]))
     torch.set_rng_state(state["torch"])
+
+
+def export_weights(src: str | Path, dst: str | Path) -> Path:
+    """Write a slim, deployable copy of a training checkpoint: the (EMA) weights under
+    ``"model"`` — the official YOLOX layout — plus ``"meta"``, without optimizer/RNG state."""
+    ckpt = load_checkpoint(src)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{src}: not a training checkpoint (no 'model' weights)")
+    slim = {"model": ckpt["model"]}
+    if "meta" in ckpt:
+        slim["meta"] = ckpt["meta"]
+    return atomic_save(slim, dst)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m accelcore.training.checkpoint SRC.pth DST.pth")
+    print(export_weights(sys.argv[1], sys.argv[2]))

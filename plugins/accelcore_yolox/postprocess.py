@@ -24,7 +24,9 @@ DEFAULT_STRIDES: tuple[int, ...] = (8, 16, 32)
 _BATCHED_NMS_MAX = 1000
 
 
-def level_shapes(input_hw: Sequence[int], strides: Sequence[int] = DEFAULT_STRIDES) -> list[tuple[int, int]]:
+def level_shapes(
+    input_hw: Sequence[int], strides: Sequence[int] = DEFAULT_STRIDES
+) -> list[tuple[int, int]]:
     """Feature-map (h, w) per stride for an input of ``input_hw``.
 
     The Focus stem halves exactly and every stride-2 3x3 conv (padding 1) rounds up, so a
@@ -37,7 +39,7 @@ def level_shapes(input_hw: Sequence[int], strides: Sequence[int] = DEFAULT_STRID
 @functools.lru_cache(maxsize=32)
 def _grids_cpu(h: int, w: int, strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     grids, strides_out = [], []
-    for (fh, fw), s in zip(level_shapes((h, w), strides), strides):
+    for (fh, fw), s in zip(level_shapes((h, w), strides), strides, strict=True):
         ys, xs = torch.meshgrid(torch.arange(fh), torch.arange(fw), indexing="ij")
         grids.append(torch.stack((xs, ys), dim=-1).reshape(-1, 2))
         strides_out.append(torch.full((fh * fw, 1), s))
@@ -60,9 +62,7 @@ def make_grids(
     return grid, stride
 
 
-def decode_boxes(
-    reg: torch.Tensor, grid: torch.Tensor, stride: torch.Tensor
-) -> torch.Tensor:
+def decode_boxes(reg: torch.Tensor, grid: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
     """Raw (dx, dy, log w, log h) -> (cx, cy, w, h) in input pixels (differentiable)."""
     return torch.cat(((reg[..., :2] + grid) * stride, torch.exp(reg[..., 2:4]) * stride), dim=-1)
 
@@ -81,7 +81,9 @@ def decode_outputs(
     return torch.cat((decode_boxes(raw[..., :4], grid, stride), raw[..., 4:].sigmoid()), dim=-1)
 
 
-def _nms_per_class(boxes_xywh: np.ndarray, scores: np.ndarray, classes: np.ndarray, thr: float) -> np.ndarray:
+def _nms_per_class(
+    boxes_xywh: np.ndarray, scores: np.ndarray, classes: np.ndarray, thr: float
+) -> np.ndarray:
     order = np.argsort(classes, kind="stable")
     bounds = np.flatnonzero(np.diff(classes[order])) + 1
     kept = []

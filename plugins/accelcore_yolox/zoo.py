@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from accelcore.errors import RecipeError
 from accelcore.registry import register_model
 
 from .models import YOLOPAFPN, YOLOX, YOLOXHead
@@ -26,7 +27,9 @@ class YoloxSpec:
 
 
 SPECS: dict[str, YoloxSpec] = {
-    "yolox_nano": YoloxSpec(0.33, 0.25, True, (416, 416), 0.91, 1.08, "YOLOX-Nano (depthwise), 416"),
+    "yolox_nano": YoloxSpec(
+        0.33, 0.25, True, (416, 416), 0.91, 1.08, "YOLOX-Nano (depthwise), 416"
+    ),
     "yolox_tiny": YoloxSpec(0.33, 0.375, False, (416, 416), 5.06, 6.45, "YOLOX-Tiny, 416"),
     "yolox_s": YoloxSpec(0.33, 0.50, False, (640, 640), 9.0, 26.8, "YOLOX-S, 640"),
     "yolox_m": YoloxSpec(0.67, 0.75, False, (640, 640), 25.3, 73.8, "YOLOX-M, 640"),
@@ -49,12 +52,21 @@ def build_yolox(
 ) -> YOLOX:
     """Build a YOLOX the way the official Exp does (BN eps/momentum, prior-prob bias init)."""
     if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise RecipeError(f"{name}: num_classes must be >= 1, got {num_classes}")
     if depth <= 0 or width <= 0:
-        raise ValueError(f"depth and width must be > 0, got depth={depth} width={width}")
+        raise RecipeError(f"{name}: depth and width must be > 0, got {depth} and {width}")
+    if len(input_size) != 2 or any(int(v) <= 0 or int(v) % 32 for v in input_size):
+        # The PAN neck concatenates upsampled stride-32 maps with stride-16 ones.
+        raise RecipeError(
+            f"{name}: input_size must be [H, W], multiples of 32, got {list(input_size)}"
+        )
     backbone = YOLOPAFPN(depth, width, in_channels=IN_CHANNELS, depthwise=depthwise, act=act)
     head = YOLOXHead(
-        int(num_classes), width, strides=STRIDES, in_channels=IN_CHANNELS, act=act,
+        int(num_classes),
+        width,
+        strides=STRIDES,
+        in_channels=IN_CHANNELS,
+        act=act,
         depthwise=depthwise,
     )
     head.initialize_biases(PRIOR_PROB)
@@ -115,6 +127,11 @@ def yolox_custom(
     act: str = "silu",
 ) -> YOLOX:
     return build_yolox(
-        CUSTOM_NAME, float(depth), float(width), bool(depthwise), num_classes,
-        input_size or (640, 640), act,
+        CUSTOM_NAME,
+        float(depth),
+        float(width),
+        bool(depthwise),
+        num_classes,
+        input_size or (640, 640),
+        act,
     )

@@ -1,7 +1,6 @@
 """YOLOX network modules, named like the official implementation."""
 
-from .blocks import CSPLayer, DWConv, Focus, SPPBottleneck
-from .blocks import BaseConv, Bottleneck
+from .blocks import BaseConv, Bottleneck, CSPLayer, DWConv, Focus, SPPBottleneck
 from .darknet import CSPDarknet
 from .head import YOLOXHead
 from .pafpn import YOLOPAFPN

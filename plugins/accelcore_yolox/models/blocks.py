@@ -156,7 +156,12 @@ class Focus(nn.Module):
     """Space-to-depth stem: 2x2 pixel blocks become 4x channels, then one BaseConv."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, ksize: int = 1, stride: int = 1, act: str = "silu"
+        self,
+        in_channels: int,
+        out_channels: int,
+        ksize: int = 1,
+        stride: int = 1,
+        act: str = "silu",
     ) -> None:
         super().__init__()
         self.conv = BaseConv(in_channels * 4, out_channels, ksize, stride, act=act)

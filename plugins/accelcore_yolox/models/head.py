@@ -45,10 +45,14 @@ class YOLOXHead(nn.Module):
         for ch in in_channels:
             self.stems.append(BaseConv(int(ch * width), hidden, ksize=1, stride=1, act=act))
             self.cls_convs.append(
-                nn.Sequential(conv(hidden, hidden, 3, 1, act=act), conv(hidden, hidden, 3, 1, act=act))
+                nn.Sequential(
+                    conv(hidden, hidden, 3, 1, act=act), conv(hidden, hidden, 3, 1, act=act)
+                )
             )
             self.reg_convs.append(
-                nn.Sequential(conv(hidden, hidden, 3, 1, act=act), conv(hidden, hidden, 3, 1, act=act))
+                nn.Sequential(
+                    conv(hidden, hidden, 3, 1, act=act), conv(hidden, hidden, 3, 1, act=act)
+                )
             )
             self.cls_preds.append(nn.Conv2d(hidden, num_classes, kernel_size=1))
             self.reg_preds.append(nn.Conv2d(hidden, 4, kernel_size=1))
@@ -69,7 +73,11 @@ class YOLOXHead(nn.Module):
             cls_feat = self.cls_convs[k](x)
             reg_feat = self.reg_convs[k](x)
             out = torch.cat(
-                [self.reg_preds[k](reg_feat), self.obj_preds[k](reg_feat), self.cls_preds[k](cls_feat)],
+                [
+                    self.reg_preds[k](reg_feat),
+                    self.obj_preds[k](reg_feat),
+                    self.cls_preds[k](cls_feat),
+                ],
                 dim=1,
             )
             outputs.append(out.flatten(start_dim=2))

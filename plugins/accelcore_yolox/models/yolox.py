@@ -75,6 +75,9 @@ class YOLOX(nn.Module):
     ) -> list[np.ndarray]:
         """Score filter + NMS -> per image (K, 6) float32 [x1, y1, x2, y2, score, class]."""
         return postprocess(
-            decoded, conf_thre=conf_thre, nms_thre=nms_thre, class_agnostic=class_agnostic,
+            decoded,
+            conf_thre=conf_thre,
+            nms_thre=nms_thre,
+            class_agnostic=class_agnostic,
             max_det=max_det,
         )

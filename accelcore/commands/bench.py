@@ -1,0 +1,109 @@
+"""``accelcore bench train RECIPE``: training throughput of several configurations side by side.
+
+``bench`` is a command group; ``bench infer`` can be added later as another sub-command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from accelcore.errors import RecipeError
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks (bench train …)",
+                              description="Throughput benchmarks run in one process.")
+    sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
+    p.set_defaults(handler=lambda args: (p.print_help(), 2)[1])
+
+    from accelcore.training.bench import CONFIGS, DEFAULT_CONFIGS, MODES
+
+    t = sub.add_parser(
+        "train", help="training img/s per configuration (fp32, bf16, channels_last, compile, …)",
+        description="Times N training iterations (after warm-up) per configuration and prints "
+                    "median img/s and the ratio to fp32 eager. Modes: compute (fixed preloaded "
+                    "batch) and e2e (real loader with mosaic and multiscale). "
+                    f"Configs: {', '.join(CONFIGS)}.")
+    t.add_argument("recipe", help="recipe YAML file")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (e.g. --set train.batch_size=16)")
+    t.add_argument("--iters", type=int, default=10, help="timed iterations per config (10)")
+    t.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations (3)")
+    t.add_argument("--configs", type=_csv, default=list(DEFAULT_CONFIGS),
+                   help=f"comma-separated (default {','.join(DEFAULT_CONFIGS)})")
+    t.add_argument("--modes", type=_csv, default=list(MODES), help="compute,e2e (default both)")
+    t.add_argument("--json", dest="json_path", metavar="FILE", help="write the rows as JSON")
+    t.add_argument("--profile", action="store_true",
+                   help="also print where the step time goes (first config, eager, e2e)")
+    t.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                   help="load an unpackaged plugin module (import path); repeatable")
+    t.add_argument("--num-processes", type=lambda s: [int(x) for x in _csv(s)], default=None,
+                   metavar="N,N", help="instead of --configs: the recipe's config on N DDP "
+                   "processes with disjoint cores (e.g. 1,2 = 1x2 vs 2x1 threads on 2 cores)")
+    t.add_argument("--strategies", type=_csv, default=["subprocess", "spawn", "ray"],
+                   help="with --num-processes: subprocess,spawn,ray (default all)")
+    t.set_defaults(handler=handle_train)
+
+
+def handle_train(args: argparse.Namespace) -> int:
+    from accelcore.config import load_recipe
+    from accelcore.training.bench import bench_train, profile_train
+
+    recipe = load_recipe(args.recipe, [*args.overrides, "train.quiet=true"])
+    recipe.plugins = [*recipe.plugins, *args.plugins]
+    if not args.configs:
+        raise RecipeError("--configs: give at least one configuration")
+    cfg = recipe.train
+    print(f"bench train: {recipe.model.name}, batch {cfg.batch_size}, input "
+          f"{recipe.model.input_size or 'model default'}, threads {cfg.threads or 'default'}, "
+          f"{args.iters} timed + {args.warmup} warm-up iterations")
+    if args.num_processes:
+        return _handle_processes(args, recipe)
+    rows = bench_train(recipe, args.configs, args.modes, args.iters, args.warmup)
+    print(f"\n{'config':<16} {'mode':<8} {'img/s':>8} {'vs fp32':>8}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['config']:<16} {r['mode']:<8} {'-':>8} {'-':>8}  unavailable: {r['reason']}")
+            continue
+        ratio = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        print(f"{r['config']:<16} {r['mode']:<8} {r['img_per_s']:8.2f} {ratio:>8}")
+    if args.profile:
+        first = next((c for c in args.configs if "compile" not in c and c != "ipex"), "fp32")
+        prof = profile_train(recipe, first, args.iters, args.warmup)
+        step = prof["step"]
+        print(f"\nprofile ({first}, e2e, batch {int(prof['batch'])}): median step "
+              f"{1000 * step:.0f} ms")
+        for phase in ("data", "forward", "loss", "backward", "optimizer", "ema"):
+            print(f"  {phase:<10} {1000 * prof[phase]:8.1f} ms  {100 * prof[phase] / step:5.1f}%")
+    if args.json_path:
+        out = [{k: r[k] for k in ("config", "mode", "img_per_s", "speedup", "status", "reason")}
+               for r in rows]
+        Path(args.json_path).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+def _handle_processes(args: argparse.Namespace, recipe: object) -> int:
+    """Rows per strategy x process count (multi-process strategies, issue 7)."""
+    from accelcore_strategies.bench import bench_distributed
+
+    rows = bench_distributed(recipe, args.strategies, args.num_processes, args.iters,
+                             args.warmup)
+    print(f"\n{'strategy':<11} {'procs x threads':<16} {'img/s':>8} {'vs 1 proc':>9}")
+    for r in rows:
+        layout = f"{r['processes']} x {r['threads'] or '?'}"
+        if r["status"] != "ok":
+            print(f"{r['strategy']:<11} {layout:<16} {'-':>8} {'-':>9}  failed: {r['reason']}")
+            continue
+        ratio = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        print(f"{r['strategy']:<11} {layout:<16} {r['img_per_s']:8.2f} {ratio:>9}")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json_path}")
+    return 0

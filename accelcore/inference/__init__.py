@@ -1,0 +1,12 @@
+"""Inference acceleration core: the machinery every backend shares.
+
+* :mod:`.latency` — ``measure_latency`` (one timing procedure for every method), machine info.
+* :mod:`.calibration` — real, letterboxed calibration / latency images.
+* :mod:`.pt2e` — torch.export, static int8 PT2E, inductor compilation with freezing.
+* :mod:`.export` — ONNX export of the raw-output model.
+* :mod:`.artifact` — artifact folders (payload + ``manifest.json``) and ``load_artifact``.
+* :mod:`.accelerate` — the accelerate stage (convert, time, evaluate, save, select).
+* :mod:`.select` — the accuracy criterion.
+
+Submodules are imported on demand so that importing this package stays cheap.
+"""

@@ -1,0 +1,324 @@
+"""The accelerate stage: convert, time, evaluate and save every requested method, then select.
+
+Isolation (why a fresh process per method): conversions change process-wide torch state —
+dynamo/inductor caches, inductor config, autocast caches, thread pools, the allocator's heap —
+and some backends can crash the interpreter outright (e.g. OpenVINO's converter segfaulted
+here with jemalloc preloaded). Each method therefore runs in its own ``spawn`` process by
+default: it starts from a clean state, its latency is not coloured by the memory left behind
+by the previous method, and a crash becomes a "failed" row instead of ending the run. The
+price is a few seconds of start-up per method (torch import + loading the pickled job), small
+next to conversion and COCO evaluation. ``isolate=False`` runs everything in this process
+(tests, debugging); then dynamo is reset and the thread count restored between methods, and
+every backend sets its other state (autocast, inductor config) only inside its own calls.
+
+Every method gets exactly the same inputs: one batch of real validation images for latency,
+the same calibration images, and the same evaluation through
+``accelcore.predictor.Predictor(raw=True)`` (fp32 decode + NMS) and
+``accelcore.evaluation.evaluate_predictor``.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import multiprocessing
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accelcore.errors import BackendUnavailable, PluginError
+from accelcore.inference.artifact import folder_size_mb, save_artifact
+from accelcore.inference.calibration import calibration_from_tensor, load_images, spread_indices
+from accelcore.inference.latency import machine_info, measure_latency, versions
+from accelcore.inference.select import select_method
+from accelcore.interfaces import AcceleratedModel, AccelerateRequest
+
+log = logging.getLogger(__name__)
+BASELINE = "original"
+_ROW_KEYS = ("method", "status", "reason", "latency_ms", "p10_ms", "p90_ms", "img_per_s",
+             "speedup", "ap50_95", "ap50", "convert_s", "size_mb", "precision", "summary")
+
+
+@dataclass
+class MethodJob:
+    """Everything one method needs; pickled once and shared by all method processes."""
+
+    model: Any                      # eval-mode raw-output model (never handed to a backend)
+    input_size: tuple[int, int]
+    batch_size: int
+    latency: dict                   # warmup, min_runs, min_seconds
+    latency_batch: torch.Tensor     # [batch_size, 3, H, W] real validation images
+    calibration_images: torch.Tensor
+    calibration_batch: int
+    val_dataset: Any
+    validate: dict                  # conf_thre, nms_thre, max_images
+    work_dir: Path
+    staging_dir: Path
+    manifest: dict                  # model/classes/input size, common to every artifact
+    threads: int | None = None
+    plugins: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)  # per-method backend options
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _fixed_batch(forward: Any, batch: int) -> Any:
+    """Pad a short final batch up to ``batch`` so shape-specialised methods never recompile."""
+    def run(images: torch.Tensor) -> torch.Tensor:
+        n = images.shape[0]
+        if n >= batch:
+            return forward(images)
+        pad = images.new_zeros((batch - n, *images.shape[1:]))
+        return forward(torch.cat((images, pad)))[:n]
+
+    return run
+
+
+def _check_output(out: Any, batch: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"forward returned {type(out).__name__}, expected a torch.Tensor")
+    if out.dtype != torch.float32 or out.ndim != 3 or out.shape[0] != batch.shape[0]:
+        raise ValueError(f"forward returned {out.dtype} {tuple(out.shape)}, expected float32 "
+                         f"[{batch.shape[0]}, N, 5 + C]")
+    if not torch.isfinite(out).all():
+        raise ValueError("forward returned non-finite values")
+
+
+def run_method(job: MethodJob, method: str, pm: Any) -> dict:
+    """Convert, time, evaluate and save one method; never raises (errors become the row)."""
+    from accelcore.evaluation import evaluate_predictor
+    from accelcore.inference.pt2e import inductor_cache
+    from accelcore.predictor import Predictor
+
+    row: dict[str, Any] = {k: None for k in _ROW_KEYS}
+    row.update(method=method, status="failed", reason="")
+    provided = pm.find("backend", method)
+    row["summary"] = provided.declaration.summary if provided else ""
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    work = job.work_dir / method
+    work.mkdir(parents=True, exist_ok=True)
+    request = AccelerateRequest(
+        batch_size=job.batch_size, input_size=job.input_size, work_dir=work,
+        calibration=calibration_from_tensor(job.calibration_images, job.calibration_batch),
+        options={"threads": job.threads, **job.options.get(method, {})})
+    stage = "convert"
+    with inductor_cache(job.work_dir / "inductor-cache"):
+        try:
+            t0 = time.perf_counter()
+            accelerated: AcceleratedModel | None = pm.hook.accelcore_accelerate(
+                method=method, model=copy.deepcopy(job.model), request=request)
+            if accelerated is None:
+                raise PluginError(f"no loaded plugin converts method '{method}'")
+            row["precision"] = accelerated.precision
+            # The first call is part of conversion: compiling backends build their code lazily.
+            stage = "first call"
+            _check_output(accelerated(job.latency_batch), job.latency_batch)
+            row["convert_s"] = round(time.perf_counter() - t0, 2)
+            stage = "latency"
+            lat = measure_latency(accelerated, job.latency_batch, **job.latency)
+            row.update(latency_ms=lat["median_ms"], p10_ms=lat["p10_ms"], p90_ms=lat["p90_ms"],
+                       img_per_s=lat["img_per_s"], runs=lat["runs"])
+            stage = "evaluate"
+            predictor = Predictor(_fixed_batch(accelerated, job.batch_size), job.model,
+                                  raw=True, conf_thre=job.validate["conf_thre"],
+                                  nms_thre=job.validate["nms_thre"])
+            t1 = time.perf_counter()
+            metrics = evaluate_predictor(predictor, job.val_dataset, job.input_size,
+                                         batch_size=job.batch_size, progress=False,
+                                         max_images=job.validate["max_images"])
+            row.update(ap50_95=float(metrics["ap50_95"]), ap50=float(metrics["ap50"]),
+                       eval_s=round(time.perf_counter() - t1, 2))
+            row["status"] = "ok"
+        except BackendUnavailable as exc:
+            row.update(status="unavailable", reason=_one_line(exc))
+            return row
+        except Exception as exc:  # one method failing must not end the run
+            log.debug("method %s failed during %s", method, stage, exc_info=True)
+            row.update(status="failed", reason=f"{stage}: {_one_line(exc)}")
+            return row
+        stage = "save"
+        try:
+            manifest = {**job.manifest, "metrics": {k: row[k] for k in (
+                "ap50_95", "ap50", "latency_ms", "img_per_s", "convert_s")},
+                "details": accelerated.details}
+            folder = save_artifact(job.staging_dir / method, accelerated, manifest)
+            row["size_mb"] = round(folder_size_mb(folder), 3)
+        except Exception as exc:  # measured fine but cannot be deployed: say so, keep numbers
+            log.debug("saving %s failed", method, exc_info=True)
+            row["reason"] = f"not saved: {_one_line(exc)}"
+    return row
+
+
+def _child(job_path: str, method: str, result_path: str) -> None:
+    """Entry point of a method process (spawn): load the job, run, write the row as JSON."""
+    from accelcore.plugins import get_plugin_manager
+
+    try:
+        job: MethodJob = torch.load(job_path, weights_only=False)
+        pm = get_plugin_manager(job.plugins)
+        row = run_method(job, method, pm)
+    except BaseException as exc:  # noqa: BLE001 - report anything, including SystemExit
+        row = {"method": method, "status": "failed",
+               "reason": f"method process: {_one_line(exc)}",
+               "traceback": traceback.format_exc(limit=5)}
+    Path(result_path).write_text(json.dumps(row, default=str))
+
+
+def _run_in_process(job_path: Path, method: str, work_dir: Path) -> dict:
+    result = work_dir / f"{method}.result.json"
+    result.unlink(missing_ok=True)
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_child, args=(str(job_path), method, str(result)),
+                       name=f"accelcore-{method}")
+    proc.start()
+    proc.join()
+    if result.is_file():
+        return json.loads(result.read_text())
+    code = proc.exitcode
+    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    return {"method": method, "status": "failed",
+            "reason": f"method process died ({how}) before reporting"}
+
+
+def _input_size(recipe: Any, model: Any) -> tuple[int, int]:
+    size = recipe.model.input_size or getattr(model, "meta", {}).get("input_size")
+    if not size:
+        raise PluginError("accelerate: the model has no input size; set model.input_size")
+    return int(size[0]), int(size[1])
+
+
+def resolve_methods(methods: list[str], pm: Any) -> list[str]:
+    """Check every name against the declared backends (clear error for unknown ones) and put
+    the ``original`` baseline first (added if missing: speed-ups and the accuracy criterion
+    are relative to it)."""
+    for i, method in enumerate(methods):
+        pm.require("backend", method, f"accelerate.methods[{i}]", available=False)
+    ordered = list(dict.fromkeys(methods))
+    if BASELINE in ordered:
+        ordered.remove(BASELINE)
+    return [BASELINE, *ordered]
+
+
+def run_accelerate(recipe: Any, model: Any, run_dir: Path, val_dataset: Any,
+                   calib_dataset: Any, pm: Any, isolate: bool | None = None) -> dict:
+    """Run the accelerate stage of ``recipe`` for ``model``; returns the results dict.
+
+    Keys: ``methods`` (one row per method: method, status ok/failed/unavailable, reason,
+    latency_ms (median), p10_ms, p90_ms, img_per_s, speedup vs original, ap50_95, ap50 (COCOeval
+    0-1 scale), convert_s, size_mb, precision, summary), ``batch_size``, ``input_size``,
+    ``machine``, ``versions``, ``selected``, ``selection_reason``, ``artifacts``.
+    Artifacts go to ``run_dir/artifacts/<method>/`` per ``accelerate.save`` (best/all/none).
+    """
+    cfg = recipe.accelerate
+    isolate = cfg.isolate if isolate is None else isolate
+    run_dir = Path(run_dir)
+    methods = resolve_methods(cfg.methods, pm)
+    input_size = _input_size(recipe, model)
+    raw = copy.deepcopy(model).eval()
+    if hasattr(raw, "output_mode"):
+        raw.output_mode = "raw"  # the backend contract: undecoded head output
+    for p in raw.parameters():
+        p.requires_grad_(False)
+
+    work_dir = run_dir / "accelerate"
+    staging = work_dir / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    calib_n = min(cfg.calibration_images, len(calib_dataset))
+    class_names = list(getattr(val_dataset, "class_names", []) or [])
+    meta = getattr(raw, "meta", {}) or {}
+    job = MethodJob(
+        model=raw, input_size=input_size, batch_size=cfg.batch_size,
+        latency={"warmup": cfg.latency.warmup, "min_runs": cfg.latency.min_runs,
+                 "min_seconds": cfg.latency.min_seconds},
+        latency_batch=load_images(val_dataset, spread_indices(len(val_dataset), cfg.batch_size),
+                                  input_size),
+        calibration_images=load_images(calib_dataset, spread_indices(len(calib_dataset),
+                                                                     calib_n), input_size),
+        calibration_batch=min(cfg.batch_size, 16),
+        val_dataset=val_dataset,
+        validate={"conf_thre": recipe.validate.conf_thre, "nms_thre": recipe.validate.nms_thre,
+                  "max_images": recipe.validate.max_images},
+        work_dir=work_dir, staging_dir=staging,
+        manifest={"model": {"name": meta.get("name", recipe.model.name),
+                            "num_classes": int(meta.get("num_classes",
+                                                        recipe.model.num_classes))},
+                  "class_names": class_names, "input_size": list(input_size),
+                  "batch_size": cfg.batch_size, "versions": versions()},
+        threads=cfg.threads, plugins=list(recipe.plugins), options=dict(cfg.options))
+    job_path = work_dir / "job.pt"
+    if isolate:
+        torch.save(job, job_path)
+
+    rows: list[dict] = []
+    threads_before = torch.get_num_threads()
+    for method in methods:
+        provided = pm.find("backend", method)
+        if not provided.declaration.available:
+            row = {k: None for k in _ROW_KEYS}
+            row.update(method=method, status="unavailable", reason=provided.declaration.reason,
+                       summary=provided.declaration.summary)
+        elif isolate:
+            row = _run_in_process(job_path, method, work_dir)
+        else:
+            row = run_method(job, method, pm)
+            torch._dynamo.reset()  # compiled code of one method must not serve the next
+            torch.set_num_threads(threads_before)
+            gc.collect()
+        for key in _ROW_KEYS:
+            row.setdefault(key, None)
+        rows.append(row)
+        _print_row(row)
+
+    base = rows[0]
+    for row in rows:
+        if row["latency_ms"] and base.get("latency_ms"):
+            row["speedup"] = base["latency_ms"] / row["latency_ms"]
+    selected, why = select_method(rows, cfg.accuracy_criterion, BASELINE)
+    artifacts = _keep_artifacts(rows, staging, run_dir / "artifacts", cfg.save, selected)
+    job_path.unlink(missing_ok=True)
+    return {
+        "methods": rows, "batch_size": cfg.batch_size, "input_size": list(input_size),
+        "machine": {**machine_info(), "accelerate_threads": cfg.threads or threads_before},
+        "versions": versions(), "selected": selected, "selection_reason": why,
+        "accuracy_criterion": {"metric": cfg.accuracy_criterion.metric,
+                               "kind": cfg.accuracy_criterion.kind,
+                               "max_drop": cfg.accuracy_criterion.max_drop},
+        "latency": job.latency, "calibration_images": calib_n, "isolated": isolate,
+        "artifacts": artifacts,
+    }
+
+
+def _keep_artifacts(rows: list[dict], staging: Path, dest: Path, policy: str,
+                    selected: str | None) -> dict[str, str]:
+    keep = {r["method"] for r in rows if r["status"] == "ok"} if policy == "all" else (
+        {selected} if policy == "best" and selected else set())
+    kept: dict[str, str] = {}
+    for method in sorted(keep):
+        src = staging / method
+        if (src / "manifest.json").is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            target = dest / method
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(str(src), str(target))
+            kept[method] = str(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return kept
+
+
+def _print_row(row: dict) -> None:
+    if row["status"] != "ok":
+        print(f"accelcore: accelerate {row['method']:<20} {row['status']}: {row['reason']}")
+        return
+    print(f"accelcore: accelerate {row['method']:<20} {row['latency_ms']:9.1f} ms/batch  "
+          f"AP50:95 {row['ap50_95']:.4f}  AP50 {row['ap50']:.4f}  convert {row['convert_s']} s")

@@ -1,0 +1,190 @@
+"""Training throughput benchmark: several configurations side by side in one process.
+
+Every configuration is the real training step of ``accelcore.training.loop.Trainer`` (same
+precision plugin, layout, optimizer, EMA) with a fresh model from the same seed. Two modes:
+
+* ``compute``: one preloaded batch at the recipe's input size, repeated — the step alone;
+* ``e2e``: the real loader (mosaic, mixup, HSV, flip) and multiscale resizing, as in training.
+
+Throughput is the median over the timed iterations after ``warmup`` untimed ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accelcore.errors import AccelcoreError, RecipeError
+from accelcore.interfaces import TrainJob
+from accelcore.training.loop import Trainer
+
+#: name -> TrainConfig overrides
+CONFIGS: dict[str, dict[str, Any]] = {
+    "fp32": {"precision": "32"},
+    "fp32_cl": {"precision": "32", "channels_last": True},
+    "fp64": {"precision": "64"},
+    "fp16": {"precision": "16"},
+    "bf16": {"precision": "bf16"},
+    "bf16_cl": {"precision": "bf16", "channels_last": True},
+    "bf16_cl_compile": {"precision": "bf16", "channels_last": True, "compile": True},
+    "fp32_compile": {"precision": "32", "compile": True},
+    "ipex": {"precision": "bf16", "channels_last": True, "use_ipex": True},
+}
+DEFAULT_CONFIGS = ("fp32", "bf16", "bf16_cl", "bf16_cl_compile", "ipex")
+MODES = ("compute", "e2e")
+PHASES = ("data", "forward", "loss", "backward", "optimizer", "ema")
+
+
+def _variant(recipe: Any, overrides: dict[str, Any]) -> Any:
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, **overrides))
+
+
+def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches from epoch 0 on (same sequence for every configuration)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _trainer(recipe: Any, overrides: dict[str, Any], loader: Any, pm: Any,
+             work_dir: Path) -> Trainer:
+    t = Trainer(TrainJob(_variant(recipe, overrides), work_dir), write=False)
+    t.pm = pm
+    t.setup_data(loader=loader)
+    t.setup_model()
+    t.wrap_model()
+    return t
+
+
+def _time_steps(t: Trainer, mode: str, iters: int, warmup: int,
+                fixed: tuple[torch.Tensor, torch.Tensor], loader: Any) -> list[float]:
+    t.state.iteration = 0  # same lr and multiscale sequence for every configuration
+    source = _batches(loader) if mode == "e2e" else None
+    times = []
+    for k in range(warmup + iters):
+        t0 = time.perf_counter()
+        if source is not None:
+            images, targets = next(source)
+            t.train_one_iter(images, targets, multiscale=True)
+        else:
+            t.train_one_iter(*fixed, multiscale=False)
+        t.state.iteration += 1
+        if k >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_train(recipe: Any, configs: list[str] | tuple[str, ...] = DEFAULT_CONFIGS,
+                modes: list[str] | tuple[str, ...] = MODES, iters: int = 10, warmup: int = 3,
+                log: Any = print) -> list[dict[str, Any]]:
+    """Rows ``{config, mode, img_per_s, speedup, step_ms, status, reason}``."""
+    for name in configs:
+        if name not in CONFIGS:
+            raise RecipeError(f"--configs: unknown config '{name}'; known: {', '.join(CONFIGS)}")
+    for mode in modes:
+        if mode not in MODES:
+            raise RecipeError(f"--modes: unknown mode '{mode}'; known: {', '.join(MODES)}")
+    if iters < 1 or warmup < 0:
+        raise RecipeError(f"--iters must be >= 1 and --warmup >= 0, got {iters}, {warmup}")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="accelcore-bench-") as tmp:
+        work = Path(tmp)
+        base = Trainer(TrainJob(recipe, work), write=False)
+        base.setup_runtime()
+        base.setup_data()
+        loader = base.loader
+        fixed = next(_batches(loader))
+        batch = int(fixed[0].shape[0])
+        for name in configs:
+            try:
+                t = _trainer(recipe, CONFIGS[name], loader, base.pm, work)
+            except AccelcoreError as exc:
+                for mode in modes:
+                    rows.append({"config": name, "mode": mode, "img_per_s": None,
+                                 "speedup": None, "step_ms": None, "status": "unavailable",
+                                 "reason": str(exc)})
+                log(f"  {name}: unavailable: {exc}")
+                continue
+            for mode in modes:
+                times = _time_steps(t, mode, iters, warmup, fixed, loader)
+                med = statistics.median(times)
+                rows.append({"config": name, "mode": mode, "img_per_s": batch / med,
+                             "speedup": None, "step_ms": 1000 * med, "status": "ok",
+                             "reason": ""})
+                log(f"  {name:<16} {mode:<8} {batch / med:8.2f} img/s  "
+                    f"(median step {1000 * med:.0f} ms over {iters})")
+            del t
+    for row in rows:
+        ref = next((r for r in rows if r["config"] == "fp32" and r["mode"] == row["mode"]
+                    and r["status"] == "ok"), None)
+        if ref is not None and row["img_per_s"] is not None:
+            row["speedup"] = row["img_per_s"] / ref["img_per_s"]
+    return rows
+
+
+def profile_train(recipe: Any, config: str = "fp32", iters: int = 10,
+                  warmup: int = 3) -> dict[str, float]:
+    """Median seconds per phase of the real e2e training step (data … EMA).
+
+    forward/loss are split with hooks on the model (end of ``model.head``), so the step is not
+    run twice; "loss" therefore covers label assignment (SimOTA) and the loss terms.
+    """
+    with tempfile.TemporaryDirectory(prefix="accelcore-prof-") as tmp:
+        base = Trainer(TrainJob(recipe, Path(tmp)), write=False)
+        base.setup_runtime()
+        base.setup_data()
+        t = _trainer(recipe, CONFIGS[config], base.loader, base.pm, Path(tmp))
+        marks: dict[str, float] = {}
+        head = getattr(t.model, "head", None)
+        handle = None
+        if head is not None:
+            handle = head.register_forward_hook(
+                lambda *_: marks.__setitem__("head", time.perf_counter()))
+        phases: dict[str, list[float]] = {p: [] for p in PHASES}
+        source = _batches(base.loader)
+        aug = t.recipe.data.augment
+        try:
+            for k in range(warmup + iters):
+                t0 = time.perf_counter()
+                images, targets = next(source)
+                size = t._multiscale(k, aug)
+                from accelcore.data.multiscale import resize_batch
+
+                images, targets = resize_batch(images, targets, size)
+                images = t.precision.convert_input(images)
+                if t.cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                t1 = time.perf_counter()
+                with t.precision.forward_context():
+                    losses = t.train_model(images, targets)
+                t2 = time.perf_counter()
+                t.optimizer.zero_grad(set_to_none=True)
+                t.precision.backward(losses["total_loss"])
+                t3 = time.perf_counter()
+                t.precision.optimizer_step(t.optimizer)
+                t4 = time.perf_counter()
+                if t.ema is not None:
+                    t.ema.update(t.model)
+                t5 = time.perf_counter()
+                if k < warmup:
+                    continue
+                split = marks.get("head", t2)
+                for name, value in zip(PHASES, (t1 - t0, split - t1, t2 - split, t3 - t2,
+                                                t4 - t3, t5 - t4), strict=True):
+                    phases[name].append(value)
+        finally:
+            if handle is not None:
+                handle.remove()
+    out = {name: statistics.median(v) for name, v in phases.items()}
+    out["step"] = sum(out.values())
+    out["batch"] = float(images.shape[0])
+    return out

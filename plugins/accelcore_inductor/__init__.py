@@ -1,0 +1,83 @@
+"""torch.compile (inductor) methods: ``inductor_fp32``, ``inductor_bf16``, ``inductor_int8``.
+
+All compile with inductor freezing (weights constant-folded and pre-packed for oneDNN) at a
+fixed batch size. ``inductor_bf16`` adds bf16 autocast and channels_last; ``inductor_int8`` is
+static PT2E int8 (``accelcore.inference.pt2e.quantize_pt2e``: X86InductorQuantizer, per-channel
+weights, calibrated on real images) lowered by inductor to int8 oneDNN convolutions.
+
+Artifact payload: ``model.pt2`` (the fp32 or quantized exported program); loading compiles it
+again the same way (the first call compiles; kernels are cached in TORCHINDUCTOR_CACHE_DIR).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from accelcore.interfaces import AcceleratedModel, AccelerateRequest, Declaration
+
+hookimpl = pluggy.HookimplMarker("accelcore")
+
+# method -> (precision, bf16, channels_last, summary)
+METHODS: dict[str, tuple[str, bool, bool, str]] = {
+    "inductor_fp32": ("fp32", False, False,
+                      "torch.compile (inductor, freezing), float32"),
+    "inductor_bf16": ("bf16", True, True,
+                      "torch.compile (inductor, freezing) under bf16 autocast, channels_last"),
+    "inductor_int8": ("int8", False, False,
+                      "static int8 PT2E (X86InductorQuantizer, per-channel weights, real "
+                      "calibration) compiled by inductor with freezing"),
+}
+
+
+@hookimpl
+def accelcore_declare() -> list[Declaration]:
+    decls = []
+    has_torchao = importlib.util.find_spec("torchao") is not None
+    for name, (_, _, _, summary) in METHODS.items():
+        ok = has_torchao or name != "inductor_int8"
+        decls.append(Declaration("backend", name, summary, available=ok,
+                                 reason="" if ok else "needs torchao (pip install torchao)"))
+    return decls
+
+
+def _build(method: str, module: Any, input_size: Any, details: dict) -> AcceleratedModel:
+    from accelcore.inference.pt2e import compile_inductor, example_input, save_program
+
+    precision, bf16, channels_last, _ = METHODS[method]
+
+    def save(folder: Path) -> None:
+        save_program(module, example_input(input_size), folder)
+
+    forward = compile_inductor(module, bf16=bf16, channels_last=channels_last)
+    return AcceleratedModel(method=method, precision=precision, forward=forward, save=save,
+                            details={"freezing": True, "autocast": "bf16" if bf16 else None,
+                                     "channels_last": channels_last, **details})
+
+
+@hookimpl
+def accelcore_accelerate(method: str, model: Any, request: AccelerateRequest
+                         ) -> AcceleratedModel | None:
+    if method not in METHODS:
+        return None
+    details: dict = {}
+    if method == "inductor_int8":
+        from accelcore.inference.pt2e import example_input, quantize_pt2e
+
+        model, details = quantize_pt2e(model, example_input(request.input_size, 2),
+                                       request.calibration)
+    return _build(method, model, request.input_size, details)
+
+
+@hookimpl
+def accelcore_load_artifact(method: str, folder: Path, manifest: dict
+                            ) -> AcceleratedModel | None:
+    if method not in METHODS:
+        return None
+    from accelcore.inference.pt2e import load_program
+
+    return _build(method, load_program(folder), manifest["input_size"],
+                  manifest.get("details") or {})

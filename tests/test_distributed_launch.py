@@ -1,0 +1,98 @@
+"""Launchers, core partitioning and allocator option of the multi-process strategies."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from accelcore_strategies import ddp, launcher
+from accelcore_strategies.ddp import Cpu, RankFailure, plan_cores, root_cause
+from accelcore_strategies.launcher import SpawnLauncher, SubprocessLauncher
+
+from accelcore.errors import BackendUnavailable
+
+
+def report_placement(rank: int, world_size: int) -> list[dict] | None:
+    """Every rank's pinning as seen from inside it, gathered on rank 0."""
+    mine = {"rank": rank, "world": dist.get_world_size(), "cpus": sorted(os.sched_getaffinity(0)),
+            "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
+            "allocator": ddp.loaded_allocator()}
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered if rank == 0 else None
+
+
+def test_strategies_declared(fresh_plugins):
+    from accelcore.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    for name in ("single", "subprocess", "spawn", "ray"):
+        assert pm.find("strategy", name) is not None, name
+    ray_ok = importlib.util.find_spec("ray") is not None
+    assert pm.find("strategy", "ray").declaration.available is ray_ok
+    # Each strategy answers for its own name only.
+    for impl in pm.hook.accelcore_train.get_hookimpls():
+        assert impl.function(strategy="no-such-strategy", job=None) is None
+
+
+def test_plan_cores_disjoint_numa_and_no_smt_siblings():
+    # 2 NUMA nodes x 4 cores x 2 hyperthreads; sibling of cpu c is c + 8.
+    topo = [Cpu(c + 8 * t, c, c // 4) for t in range(2) for c in range(8)]
+    plan = plan_cores(2, topo)
+    assert plan == [[0, 1, 2, 3], [4, 5, 6, 7]]  # one per physical core, one node each
+    assert plan_cores(4, topo) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert plan_cores(2, topo, cores_per_proc=1) == [[0], [1]]
+    # Oversubscribed: shared round robin, still one core each.
+    assert plan_cores(3, [Cpu(0, 0, 0), Cpu(1, 1, 0)]) == [[0], [1], [0]]
+    with pytest.raises(ValueError):
+        plan_cores(0, topo)
+
+
+def test_plan_cores_on_this_machine():
+    allowed = os.sched_getaffinity(0)
+    plan = plan_cores(min(2, len(allowed)))
+    flat = [c for cpus in plan for c in cpus]
+    assert len(flat) == len(set(flat)) and set(flat) <= allowed
+
+
+def test_root_cause_prefers_real_error_over_lost_peer():
+    lost = RankFailure(0, "RuntimeError: Connection closed by peer [127.0.0.1]:1", True, 1.0)
+    real = RankFailure(1, "ValueError: boom", False, 2.0)
+    assert root_cause([lost, real]) is real
+    assert ddp.is_peer_loss("RuntimeError: [pair.cc:537] Read error: Connection reset by peer")
+    assert not ddp.is_peer_loss("ValueError: boom")
+    assert ddp.signal_cause(-9) == "killed by signal SIGKILL"
+
+
+def test_missing_allocator_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(launcher, "library_dirs", lambda: [str(tmp_path)])
+    with pytest.raises(BackendUnavailable, match="libjemalloc2"):
+        launcher.allocator_env("jemalloc")
+    with pytest.raises(BackendUnavailable, match="train.allocator"):
+        SubprocessLauncher(2, allocator="tcmalloc")
+    assert launcher.allocator_env("default") == {}
+
+
+@pytest.mark.parametrize("launcher_cls", [SubprocessLauncher, SpawnLauncher])
+def test_launcher_pins_each_rank_to_its_own_cores(launcher_cls, capfd):
+    placements = launcher_cls(2).launch(report_placement)
+    assert [p["rank"] for p in placements] == [0, 1]
+    assert all(p["world"] == 2 for p in placements)
+    expected = plan_cores(2)
+    for p in placements:
+        assert p["cpus"] == sorted(expected[p["rank"]])
+        assert p["threads"] == len(p["cpus"]) and p["omp"] == str(len(p["cpus"]))
+    assert not set(placements[0]["cpus"]) & set(placements[1]["cpus"])
+    out = capfd.readouterr().out
+    assert f"rank 0: cores {expected[0]} threads {len(expected[0])}" in out
+
+
+@pytest.mark.skipif(launcher.find_allocator("jemalloc") is None,
+                    reason="libjemalloc not installed (apt-get install libjemalloc2)")
+def test_jemalloc_is_preloaded_into_workers():
+    placements = SubprocessLauncher(2, allocator="jemalloc").launch(report_placement)
+    assert [p["allocator"] for p in placements] == ["jemalloc", "jemalloc"]
+    assert ddp.loaded_allocator() == "default"  # the launcher itself is untouched

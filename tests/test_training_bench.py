@@ -1,0 +1,55 @@
+"""``accelcore bench train``: parser wiring and input validation (the timing itself is the
+lead's benchmark; a real 1-iteration run is covered as slow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from accelcore.commands import bench
+from accelcore.config import load_recipe
+from accelcore.errors import RecipeError
+from accelcore.training.bench import bench_train
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_bench_train_arguments():
+    args = _parser().parse_args(["bench", "train", "r.yaml", "--configs", "fp32,bf16_cl",
+                                 "--modes", "compute", "--iters", "4", "--json", "o.json"])
+    assert args.configs == ["fp32", "bf16_cl"] and args.modes == ["compute"]
+    assert args.iters == 4 and args.json_path == "o.json" and args.handler is bench.handle_train
+
+
+def test_unknown_config_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="unknown config 'fp8'"):
+        bench_train(load_recipe(data={}), ["fp8"], ["compute"])
+    with pytest.raises(RecipeError, match="unknown mode"):
+        bench_train(load_recipe(data={}), ["fp32"], ["both"])
+
+
+@pytest.mark.slow
+def test_bench_train_runs_and_writes_json(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {name: yolox_nano, num_classes: 3, input_size: [128, 128]}\n"
+        "data: {num_workers: 0, synthetic: {images: 8, val_images: 2, size: 128, "
+        f"num_classes: 3, cache_dir: {tmp_path / 'syn'}}}}}\n"
+        "train: {batch_size: 2, threads: 1}\n")
+    out = tmp_path / "b.json"
+    args = _parser().parse_args(["bench", "train", str(recipe), "--configs", "fp32,fp32_cl,ipex",
+                                 "--iters", "1", "--warmup", "1", "--json", str(out)])
+    assert args.handler(args) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["config"], r["mode"]) for r in rows} == {
+        (c, m) for c in ("fp32", "fp32_cl", "ipex") for m in ("compute", "e2e")}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["img_per_s"] > 0 for r in ok)
+    assert all(r["speedup"] == pytest.approx(1.0) for r in ok if r["config"] == "fp32")
