@@ -159,18 +159,7 @@ def compile_inductor(module: torch.nn.Module, *, bf16: bool = False,
     time). ``bf16`` runs the graph under bf16 autocast; ``channels_last`` converts the weights
     and the input to NHWC, which the CPU conv kernels prefer.
     """
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if bf16:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = module(images)
-        else:
-            out = module(images)
-        return out.float()
+    run = _precision_call(module, bf16=bf16, channels_last=channels_last)
 
     # dynamic=False: one specialised graph per batch size; a dynamic-shape compile of the same
     # model took ~5-10x longer here and is not needed for fixed-batch serving.
@@ -198,18 +187,28 @@ def eager_forward(module: torch.nn.Module, *, bf16: bool = False,
 
     Autocast and inference mode are entered per call, so nothing leaks into the caller.
     """
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
+    run = _precision_call(module, bf16=bf16, channels_last=channels_last)
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            if bf16:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    out = module(images)
-            else:
-                out = module(images)
-            return out.float()
+            return run(images)
 
     return forward
+
+
+def _precision_call(module: torch.nn.Module, *, bf16: bool,
+                    channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` called in the requested layout/precision, output cast back to float32
+    (shared by the eager and the compiled paths)."""
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return module(images).float()
+        return module(images).float()
+
+    return run
