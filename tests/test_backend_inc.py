@@ -15,6 +15,7 @@ def _check(model: torch.nn.Module, tmp_path) -> None:
     acc = accelerate("int8", model, request(tmp_path))
     out = acc(x)
     assert acc.precision == "int8" and acc.details["calibration_images"] == 8
+    assert acc.details["fp32_modules"]  # the predictor convs stayed float
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert corr(out, ref) > 0.98, corr(out, ref)
     assert rel_err(out, ref) > 1e-5  # really quantized, not the fp32 graph

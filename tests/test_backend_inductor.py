@@ -30,6 +30,7 @@ def _check(method: str, model: torch.nn.Module, tmp_path) -> None:
     if method == "inductor_int8":
         assert acc.precision == "int8"
         assert acc.details["calibration_images"] == 8
+        assert acc.details["fp32_modules"]  # the predictor convs stayed float
         # int8: a close but not exact copy of the fp32 output.
         assert corr(out, ref) > 0.98, corr(out, ref)
         assert rel_err(out, ref) > 1e-5  # really quantized
@@ -55,3 +56,49 @@ def test_int8_needs_calibration(tmp_path):
     req.calibration = None
     with pytest.raises(ValueError, match="calibration"):
         accelerate("inductor_int8", raw_model(prefer_yolox=False), req)
+
+
+def _conv_inputs_dequantized(module: torch.nn.Module) -> dict[str, bool]:
+    """Module name of every conv in a converted PT2E graph -> is its weight dequantized int8?"""
+    from accelcore.inference.pt2e import _CONV_TARGETS, _module_path
+
+    found = {}
+    for node in module.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith(_CONV_TARGETS):
+            weight = node.args[1]
+            found[_module_path(node)] = "dequantize" in str(getattr(weight, "target", ""))
+    return found
+
+
+def test_output_convs_stay_float_and_the_rest_is_int8():
+    from accelcore.inference.calibration import calibration_from_tensor
+    from accelcore.inference.pt2e import (
+        example_input,
+        export_raw,
+        output_tail_modules,
+        quantize_pt2e,
+    )
+
+    model = raw_model(prefer_yolox=False)
+    assert output_tail_modules(export_raw(model, example_input((32, 32)))) == ["cls", "obj", "reg"]
+    calib = calibration_from_tensor(images(8, (32, 32)), batch_size=4)
+    converted, details = quantize_pt2e(model, example_input((32, 32)), calib)
+    assert details["fp32_modules"] == ["cls", "obj", "reg"] and details["calibration_images"] == 8
+    dequantized = _conv_inputs_dequantized(converted)
+    assert dequantized == {"body.0": True, "body.3": True, "body.6": True,
+                           "cls": False, "obj": False, "reg": False}
+    converted, details = quantize_pt2e(model, example_input((32, 32)), calib,
+                                       fp32_output_convs=False, observer="histogram")
+    assert details["fp32_modules"] == [] and "histogram" in details["activations"]
+    assert all(_conv_inputs_dequantized(converted).values())
+    with pytest.raises(ValueError, match="observer"):
+        quantize_pt2e(model, example_input((32, 32)), calib, observer="percentile")
+
+
+@pytest.mark.slow
+def test_yolox_output_tail_is_the_nine_predictor_convs():
+    from accelcore.inference.pt2e import example_input, export_raw, output_tail_modules
+
+    names = output_tail_modules(export_raw(raw_model(), example_input((64, 64))))
+    assert names == sorted(f"head.{kind}_preds.{k}" for kind in ("cls", "obj", "reg")
+                           for k in range(3))

@@ -159,3 +159,38 @@ def test_missing_openvino_is_reported(monkeypatch, model, tmp_path):
     with pytest.raises(BackendUnavailable, match="openvino_fp32: openvino not installed"):
         accelcore_openvino.accelcore_accelerate("openvino_fp32", model, request(tmp_path))
     assert accelcore_openvino.accelcore_accelerate("not_mine", model, request(tmp_path)) is None
+
+
+def _signal_stack_is_mapped() -> bool:
+    import ctypes
+
+    from accelcore.runtime import _SignalStack
+
+    stack = _SignalStack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+    if stack.ss_flags & 2:  # SS_DISABLE: no alternate stack, nothing can dangle
+        return True
+    with open("/proc/self/maps") as maps:
+        ranges = [[int(a, 16) for a in line.split()[0].split("-")] for line in maps]
+    return any(lo <= stack.ss_sp < hi for lo, hi in ranges) and stack.ss_size >= 64 << 10
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc, glibc")
+def test_released_runners_leave_a_valid_signal_stack():
+    """OpenVINO restores a freed alternate signal stack when compiled models are released out of
+    order; a SIGCHLD on that thread then crashed the process (it killed our CI run)."""
+    import gc
+
+    import openvino as ov
+    from accelcore_openvino.backend import OpenVINORunner
+
+    model = ov.convert_model(torch.nn.Conv2d(3, 4, 3), example_input=torch.zeros(1, 3, 8, 8))
+    first = OpenVINORunner(model, "f32", use_async=False)
+    second = OpenVINORunner(model, "f32", use_async=True)
+    assert _signal_stack_is_mapped()
+    del first
+    gc.collect()
+    assert _signal_stack_is_mapped()
+    del second
+    gc.collect()
+    assert _signal_stack_is_mapped()

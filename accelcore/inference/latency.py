@@ -75,15 +75,6 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def has_int8_dot_product() -> bool:
-    """True if the CPU has VNNI/AMX int8 dot products.
-
-    Without them oneDNN's u8*s8 kernels sum pairs into int16 with saturation, so activations
-    should use a reduced (7-bit) range to stay exact.
-    """
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
 def machine_info() -> dict:
     """CPU model, core counts, torch threads and the relevant ISA flags of this machine."""
     model = platform.processor() or ""

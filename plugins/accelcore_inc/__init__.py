@@ -6,8 +6,8 @@ with torchao's X86InductorQuantizer, so the result is a Q/DQ graph that only run
 after ``torch.compile`` with inductor freezing (``accelcore.inference.pt2e.compile_inductor``).
 Only the raw-output network is quantized; decode (exp, sigmoid) stays in fp32 in the core.
 
-Weights int8 per-channel symmetric, activations uint8 per-tensor (INC has no reduced-range
-option: on CPUs without VNNI this risks int16 saturation in oneDNN; see ``inductor_int8``).
+Weights int8 per-channel symmetric, activations uint8 per-tensor with min/max ranges; the
+predictor convs that feed the output stay fp32 (option ``fp32_output_convs``, default true).
 Artifact payload: ``model.pt2`` (the quantized exported program), compiled again at load.
 """
 
@@ -43,13 +43,17 @@ def accelcore_declare() -> list[Declaration]:
     return [Declaration("backend", METHOD, SUMMARY, available=ok, reason=reason)]
 
 
-def quantize_inc(model: Any, example: Any, calibration: Any) -> tuple[Any, dict]:
-    """INC static int8 of the raw-output model; returns (converted Q/DQ module, details)."""
+def quantize_inc(model: Any, example: Any, calibration: Any,
+                 fp32_output_convs: bool = True) -> tuple[Any, dict]:
+    """INC static int8 of the raw-output model; returns (converted Q/DQ module, details).
+
+    ``fp32_output_convs`` keeps the predictor convs (``output_tail_modules``) in float32.
+    """
     import torch
     from neural_compressor.torch.export import export
     from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
 
-    from accelcore.inference.pt2e import calibrate
+    from accelcore.inference.pt2e import calibrate, output_tail_modules, quantization_details
 
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},)
     exported = export(model, (example,), dynamic_shapes=dynamic)
@@ -58,11 +62,13 @@ def quantize_inc(model: Any, example: Any, calibration: Any) -> tuple[Any, dict]
     config = StaticQuantConfig(w_dtype="int8", w_sym=True, w_granularity="per_channel",
                                act_dtype="uint8", act_sym=False, act_granularity="per_tensor",
                                act_algo="minmax")
+    keep = output_tail_modules(exported) if fp32_output_convs else []
+    for name in keep:
+        config.set_local(name, StaticQuantConfig(w_dtype="fp32", act_dtype="fp32"))
     prepared = prepare(exported, config)
     images = calibrate(prepared, calibration)
     converted = convert(prepared)
-    return converted, {"calibration_images": images, "weights": "int8 per-channel symmetric",
-                       "activations": "uint8 per-tensor affine", "reduce_range": False}
+    return converted, quantization_details(images, False, keep, "minmax")
 
 
 def _build(module: Any, input_size: Any, details: dict) -> AcceleratedModel:
@@ -86,8 +92,9 @@ def accelcore_accelerate(method: str, model: Any, request: AccelerateRequest
     ok, reason = _available()
     if not ok:
         raise BackendUnavailable(reason)
-    converted, details = quantize_inc(model, example_input(request.input_size, 2),
-                                      request.calibration)
+    converted, details = quantize_inc(
+        model, example_input(request.input_size, 2), request.calibration,
+        fp32_output_convs=bool(request.options.get("fp32_output_convs", True)))
     return _build(converted, request.input_size, details)
 
 

@@ -15,6 +15,7 @@ import torch
 from accelcore.errors import BackendUnavailable
 from accelcore.inference.export import INPUT_NAME, to_openvino
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest
+from accelcore.runtime import ensure_signal_stack
 
 #: Batches at least this large run async by default (option ``async``: true / false / "auto").
 #: Measured on this 2-core EPYC, yolox_nano 416 px fp32, interleaved runs (cores shared, load
@@ -43,6 +44,7 @@ def accelerate(method: str, model: torch.nn.Module,
     details: dict[str, Any] = {}
     if method == "openvino_int8":
         ov_model, details = _quantize(ov_model, request)
+        ensure_signal_stack()  # NNCF compiled and released models of its own
     use_async = request.options.get("async", "auto")
     if use_async == "auto":
         use_async = request.batch_size >= AUTO_ASYNC_MIN_BATCH
@@ -108,6 +110,7 @@ class OpenVINORunner:
             config["NUM_STREAMS"] = int(streams)
         self.core = ov.Core()
         self.compiled = self.core.compile_model(ov_model, "CPU", config)
+        ensure_signal_stack()  # the CPU plugin's own is tiny and may dangle later (see there)
         self.use_async = use_async
         if use_async:
             self.queue = ov.AsyncInferQueue(self.compiled)
@@ -133,6 +136,13 @@ class OpenVINORunner:
             self.queue.start_async({INPUT_NAME: chunk}, userdata=index, share_inputs=True)
         self.queue.wait_all()
         return torch.from_numpy(np.concatenate(self._results, axis=0))
+
+    def __del__(self) -> None:
+        # Release the OpenVINO objects first, then replace whatever signal stack their
+        # destructors restored (possibly one already freed) with ours.
+        for name in ("queue", "request", "compiled", "core"):
+            self.__dict__.pop(name, None)
+        ensure_signal_stack()
 
     def details(self) -> dict[str, Any]:
         compiled = self.compiled
