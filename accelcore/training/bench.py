@@ -35,6 +35,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "bf16_cl": {"precision": "bf16", "channels_last": True},
     "bf16_cl_compile": {"precision": "bf16", "channels_last": True, "compile": True},
     "fp32_compile": {"precision": "32", "compile": True},
+    "fp32_cl_compile": {"precision": "32", "channels_last": True, "compile": True},
     "ipex": {"precision": "bf16", "channels_last": True, "use_ipex": True},
 }
 DEFAULT_CONFIGS = ("fp32", "bf16", "bf16_cl", "bf16_cl_compile", "ipex")
