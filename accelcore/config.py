@@ -112,7 +112,8 @@ class TrainConfig:
     checkpoint_interval: int = 0
     # glibc mallopt tuning (no mmap for big blocks, no trimming): avoids page-fault storms.
     malloc_tuning: bool = True
-    # Allocator LD_PRELOADed into worker processes (subprocess/spawn/ray strategies).
+    # Allocator LD_PRELOADed: into the workers (subprocess/spawn/ray strategies), or by
+    # restarting the CLI process (single).
     allocator: Literal["default", "jemalloc", "tcmalloc"] = "default"
 
 

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import logging
 import os
+import sys
+import sysconfig
 import threading
+from pathlib import Path
 
 import torch
+
+from accelcore.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +116,109 @@ def ensure_signal_stack(size: int = 256 << 10) -> bool:
         return False
     _SIGNAL_STACKS[threading.get_ident()] = buffer
     return True
+
+
+# ---------------------------------------------------------------- allocator replacements
+# jemalloc / tcmalloc only take effect through LD_PRELOAD, i.e. in a process started with it.
+
+ALLOCATORS = {"jemalloc": ("jemalloc",), "tcmalloc": ("tcmalloc", "tcmalloc_minimal")}
+ALLOCATOR_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4"}
+# run_cpu's jemalloc tuning (torch.backends.xeon.run_cpu.set_memory_allocator).
+JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto"
+
+
+def library_dirs() -> list[str]:
+    """run_cpu's search path plus the Debian multiarch folders, where the Debian packages put
+    ``libjemalloc.so.2`` / ``libtcmalloc_minimal.so.4`` (run_cpu only finds ``lib*.so`` in
+    ``/usr/lib``, i.e. it misses them)."""
+    dirs = [os.environ.get("CONDA_PREFIX", ""), os.environ.get("VIRTUAL_ENV", "")]
+    dirs = [f"{d}/lib" for d in dirs if d]
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    dirs += [os.path.expanduser("~/.local/lib"), "/usr/local/lib", "/usr/local/lib64"]
+    if multiarch:
+        dirs += [f"/usr/lib/{multiarch}", f"/lib/{multiarch}"]
+    return dirs + ["/usr/lib", "/usr/lib64"]
+
+
+def find_allocator(name: str) -> str | None:
+    for stem in ALLOCATORS[name]:
+        for folder in library_dirs():
+            matches = sorted(glob.glob(os.path.join(folder, f"lib{stem}.so*")))
+            # Prefer the plain/soname file over versioned or debug variants.
+            matches = [m for m in matches if "debug" not in os.path.basename(m)]
+            if matches:
+                return min(matches, key=len)
+    return None
+
+
+def allocator_env(name: str) -> dict[str, str]:
+    """Environment that makes a *new* process use allocator ``name`` (``{}`` for default)."""
+    if name == "default":
+        return {}
+    if name not in ALLOCATORS:
+        raise BackendUnavailable(f"train.allocator: unknown allocator '{name}'; "
+                                 f"allowed: default, {', '.join(ALLOCATORS)}")
+    path = find_allocator(name)
+    if path is None:
+        raise BackendUnavailable(
+            f"train.allocator: {name} requested but no lib{ALLOCATORS[name][0]}.so* found in "
+            f"{', '.join(library_dirs())}; install the Debian package "
+            f"{ALLOCATOR_PACKAGES[name]} (apt-get install {ALLOCATOR_PACKAGES[name]}) or use "
+            "train.allocator: default")
+    preload = [path] + [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
+    env = {"LD_PRELOAD": ":".join(preload)}
+    if name == "jemalloc":
+        env["MALLOC_CONF"] = os.environ.get("MALLOC_CONF", JEMALLOC_CONF)
+    return env
+
+
+def loaded_allocator() -> str:
+    """Which malloc replacement is mapped into this process (checks LD_PRELOAD took effect)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    for name in ("jemalloc", "tcmalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "default"
+
+
+#: Set in the environment of a process we restarted under an allocator (stops restart loops).
+RESTARTED_MARK = "ACCELCORE_ALLOCATOR_RESTARTED"
+
+
+def restart_with_allocator(name: str, command: list[str]) -> None:
+    """Replace this process by ``command`` with allocator ``name`` preloaded.
+
+    Returns (doing nothing) if ``name`` is "default" or already loaded. A process that was
+    already restarted and still lacks the allocator raises instead of looping.
+    """
+    if name == "default" or loaded_allocator() == name:
+        return
+    if os.environ.get(RESTARTED_MARK):
+        raise BackendUnavailable(
+            f"train.allocator: {name} was preloaded (LD_PRELOAD={os.environ.get('LD_PRELOAD')}) "
+            "but is not mapped into the process")
+    env = {**os.environ, **allocator_env(name), RESTARTED_MARK: "1"}
+    log.info("restarting under %s: %s", name, " ".join(command))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, env)
+
+
+def require_allocator(name: str, command_line: list[str] | None) -> None:
+    """Make sure allocator ``name`` is in use for a single-process job.
+
+    From the command line (``command_line`` = the CLI arguments) the process restarts itself
+    as ``python -m accelcore.cli …`` with the allocator preloaded; called from Python
+    (``command_line`` None) it cannot, and says how instead of silently ignoring the key.
+    """
+    if name == "default" or loaded_allocator() == name:
+        return
+    if command_line is None:
+        env = allocator_env(name)  # names a missing library first
+        raise BackendUnavailable(
+            f"train.allocator: {name} needs a process started with it; run from the accelcore "
+            f"command line (it restarts itself) or set LD_PRELOAD={env['LD_PRELOAD']}")
+    restart_with_allocator(name, [sys.executable, "-m", "accelcore.cli", *command_line])

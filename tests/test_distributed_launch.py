@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from accelcore_strategies import ddp, launcher
+from accelcore_strategies import ddp
 from accelcore_strategies.ddp import Cpu, RankFailure, plan_cores, root_cause
 from accelcore_strategies.launcher import SpawnLauncher, SubprocessLauncher
 
+from accelcore import runtime
 from accelcore.errors import BackendUnavailable
 
 
@@ -19,7 +20,7 @@ def report_placement(rank: int, world_size: int) -> list[dict] | None:
     """Every rank's pinning as seen from inside it, gathered on rank 0."""
     mine = {"rank": rank, "world": dist.get_world_size(), "cpus": sorted(os.sched_getaffinity(0)),
             "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
-            "allocator": ddp.loaded_allocator()}
+            "allocator": runtime.loaded_allocator()}
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, mine)
     return gathered if rank == 0 else None
@@ -68,12 +69,12 @@ def test_root_cause_prefers_real_error_over_lost_peer():
 
 
 def test_missing_allocator_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(launcher, "library_dirs", lambda: [str(tmp_path)])
+    monkeypatch.setattr(runtime, "library_dirs", lambda: [str(tmp_path)])
     with pytest.raises(BackendUnavailable, match="libjemalloc2"):
-        launcher.allocator_env("jemalloc")
+        runtime.allocator_env("jemalloc")
     with pytest.raises(BackendUnavailable, match="train.allocator"):
         SubprocessLauncher(2, allocator="tcmalloc")
-    assert launcher.allocator_env("default") == {}
+    assert runtime.allocator_env("default") == {}
 
 
 @pytest.mark.parametrize("launcher_cls", [SubprocessLauncher, SpawnLauncher])
@@ -90,9 +91,44 @@ def test_launcher_pins_each_rank_to_its_own_cores(launcher_cls, capfd):
     assert f"rank 0: cores {expected[0]} threads {len(expected[0])}" in out
 
 
-@pytest.mark.skipif(launcher.find_allocator("jemalloc") is None,
+@pytest.mark.skipif(runtime.find_allocator("jemalloc") is None,
                     reason="libjemalloc not installed (apt-get install libjemalloc2)")
 def test_jemalloc_is_preloaded_into_workers():
     placements = SubprocessLauncher(2, allocator="jemalloc").launch(report_placement)
     assert [p["allocator"] for p in placements] == ["jemalloc", "jemalloc"]
-    assert ddp.loaded_allocator() == "default"  # the launcher itself is untouched
+    assert runtime.loaded_allocator() == "default"  # the launcher itself is untouched
+
+
+@pytest.mark.skipif(runtime.find_allocator("jemalloc") is None,
+                    reason="libjemalloc not installed (apt-get install libjemalloc2)")
+def test_single_process_restarts_itself_under_the_allocator():
+    import subprocess
+    import sys
+
+    probe = ("import os; from accelcore import runtime; "
+             "print(runtime.loaded_allocator(), os.environ.get(runtime.RESTARTED_MARK))")
+    restart = ("import sys; from accelcore import runtime; "
+               f"runtime.restart_with_allocator('jemalloc', [sys.executable, '-c', {probe!r}])")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", runtime.RESTARTED_MARK)}
+    out = subprocess.run([sys.executable, "-c", restart], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["jemalloc", "1"]
+
+
+def test_allocator_restart_never_loops_and_python_callers_get_a_clear_error(monkeypatch):
+    runtime.require_allocator("default", None)  # nothing to do
+    monkeypatch.setattr(runtime, "loaded_allocator", lambda: "default")
+    monkeypatch.setattr(runtime, "find_allocator", lambda name: f"/usr/lib/lib{name}.so.2")
+    with pytest.raises(BackendUnavailable, match="LD_PRELOAD=/usr/lib/libjemalloc.so.2"):
+        runtime.require_allocator("jemalloc", None)
+    calls = []
+    monkeypatch.setattr(runtime.os, "execve", lambda *a: calls.append(a))
+    runtime.require_allocator("jemalloc", ["run", "r.yaml"])
+    path, command, env = calls[0]
+    assert command[1:] == ["-m", "accelcore.cli", "run", "r.yaml"]
+    assert env["LD_PRELOAD"].startswith("/usr/lib/libjemalloc.so.2")
+    assert env[runtime.RESTARTED_MARK] == "1"
+    monkeypatch.setenv(runtime.RESTARTED_MARK, "1")
+    with pytest.raises(BackendUnavailable, match="not mapped"):
+        runtime.require_allocator("jemalloc", ["run", "r.yaml"])

@@ -53,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handle_train(args: argparse.Namespace) -> int:
     from accelcore.config import load_recipe
+    from accelcore.runtime import require_allocator
     from accelcore.training.bench import bench_train, profile_train
 
     recipe = load_recipe(args.recipe, [*args.overrides, "train.quiet=true"])
@@ -65,6 +66,7 @@ def handle_train(args: argparse.Namespace) -> int:
           f"{args.iters} timed + {args.warmup} warm-up iterations")
     if args.num_processes:
         return _handle_processes(args, recipe)
+    require_allocator(cfg.allocator, args.command_line)
     rows = bench_train(recipe, args.configs, args.modes, args.iters, args.warmup)
     print(f"\n{'config':<16} {'mode':<8} {'img/s':>8} {'vs fp32':>8}")
     for r in rows:

@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from accelcore.pipeline import run_recipe
+    from accelcore.runtime import require_allocator
 
     overrides = list(args.overrides)
     if args.quiet:
@@ -36,6 +37,9 @@ def handle(args: argparse.Namespace) -> int:
         from accelcore.errors import RecipeError
 
         raise RecipeError("--resume continues in the given run folder; do not combine with --out")
+    if "train" in recipe.stages and recipe.train.strategy == "single":
+        # Multi-process strategies preload it into their workers themselves.
+        require_allocator(recipe.train.allocator, args.command_line)
     results = run_recipe(recipe, out=args.out, resume=args.resume)
     print(f"accelcore: done in {results['wall_s']:.1f} s -> {results['run_dir']}")
     return 0

@@ -28,7 +28,7 @@ from accelcore.errors import BackendUnavailable, PluginError, RecipeError
 from accelcore.interfaces import Precision, TrainJob
 from accelcore.pipeline import build_data, build_model
 from accelcore.plugins import PluginManager, get_plugin_manager
-from accelcore.runtime import configure_threads, tune_allocator
+from accelcore.runtime import configure_threads, loaded_allocator, tune_allocator
 from accelcore.training.checkpoint import (
     atomic_save,
     clean_stale_temps,
@@ -533,6 +533,7 @@ class Trainer:
             "precision": self.cfg.precision,
             "channels_last": self.cfg.channels_last,
             "compile": self.cfg.compile,
+            "allocator": loaded_allocator(),
             "batch_size": self.cfg.batch_size,
             "world_size": self.world_size,
         }

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from accelcore.runtime import loaded_allocator
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -182,18 +184,6 @@ def _thread_ids() -> list[int]:
         return [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
         return [0]
-
-
-def loaded_allocator() -> str:
-    """Which malloc replacement is mapped into this process (checks LD_PRELOAD took effect)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "unknown"
-    for name in ("jemalloc", "tcmalloc"):
-        if f"lib{name}" in maps:
-            return name
-    return "default"
 
 
 # ---------------------------------------------------------------- failures

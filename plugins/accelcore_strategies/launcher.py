@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import glob
 import logging
 import os
 import pickle
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import traceback
@@ -33,7 +31,8 @@ from typing import Any
 
 import psutil
 
-from accelcore.errors import AccelcoreError, BackendUnavailable
+from accelcore.errors import AccelcoreError
+from accelcore.runtime import allocator_env
 from accelcore_strategies.ddp import (
     DEFAULT_TIMEOUT_S,
     LOOPBACK,
@@ -62,59 +61,6 @@ class DistributedError(AccelcoreError):
     def __init__(self, message: str, failure: RankFailure | None = None) -> None:
         super().__init__(message)
         self.failure = failure
-
-
-# ---------------------------------------------------------------- allocator
-
-ALLOCATORS = {"jemalloc": ("jemalloc",), "tcmalloc": ("tcmalloc", "tcmalloc_minimal")}
-ALLOCATOR_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4"}
-# run_cpu's jemalloc tuning (torch.backends.xeon.run_cpu.set_memory_allocator).
-JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto"
-
-
-def library_dirs() -> list[str]:
-    """run_cpu's search path plus the Debian multiarch folders, where the Debian packages put
-    ``libjemalloc.so.2`` / ``libtcmalloc_minimal.so.4`` (run_cpu only finds ``lib*.so`` in
-    ``/usr/lib``, i.e. it misses them)."""
-    dirs = [os.environ.get("CONDA_PREFIX", ""), os.environ.get("VIRTUAL_ENV", "")]
-    dirs = [f"{d}/lib" for d in dirs if d]
-    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
-    dirs += [os.path.expanduser("~/.local/lib"), "/usr/local/lib", "/usr/local/lib64"]
-    if multiarch:
-        dirs += [f"/usr/lib/{multiarch}", f"/lib/{multiarch}"]
-    return dirs + ["/usr/lib", "/usr/lib64"]
-
-
-def find_allocator(name: str) -> str | None:
-    for stem in ALLOCATORS[name]:
-        for folder in library_dirs():
-            matches = sorted(glob.glob(os.path.join(folder, f"lib{stem}.so*")))
-            # Prefer the plain/soname file over versioned or debug variants.
-            matches = [m for m in matches if "debug" not in os.path.basename(m)]
-            if matches:
-                return min(matches, key=len)
-    return None
-
-
-def allocator_env(name: str) -> dict[str, str]:
-    """Environment that makes a *new* process use allocator ``name`` (``{}`` for default)."""
-    if name == "default":
-        return {}
-    if name not in ALLOCATORS:
-        raise BackendUnavailable(f"train.allocator: unknown allocator '{name}'; "
-                                 f"allowed: default, {', '.join(ALLOCATORS)}")
-    path = find_allocator(name)
-    if path is None:
-        raise BackendUnavailable(
-            f"train.allocator: {name} requested but no lib{ALLOCATORS[name][0]}.so* found in "
-            f"{', '.join(library_dirs())}; install the Debian package "
-            f"{ALLOCATOR_PACKAGES[name]} (apt-get install {ALLOCATOR_PACKAGES[name]}) or use "
-            "train.allocator: default")
-    preload = [path] + [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
-    env = {"LD_PRELOAD": ":".join(preload)}
-    if name == "jemalloc":
-        env["MALLOC_CONF"] = os.environ.get("MALLOC_CONF", JEMALLOC_CONF)
-    return env
 
 
 # ---------------------------------------------------------------- process teardown

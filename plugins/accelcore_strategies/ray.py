@@ -67,8 +67,8 @@ def launch_ray(fn: Callable[[int, int], Any], nprocs: int, ray_cfg: Any, run_dir
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from accelcore.runtime import allocator_env
     from accelcore_strategies.ddp import DEFAULT_TIMEOUT_S, WorkerSpec
-    from accelcore_strategies.launcher import allocator_env
 
     env = allocator_env(allocator)  # clear error before Ray starts; path must exist on nodes
     runtime_env = {"env_vars": env} if env else None
