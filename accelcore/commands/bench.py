@@ -66,7 +66,7 @@ def handle_train(args: argparse.Namespace) -> int:
           f"{args.iters} timed + {args.warmup} warm-up iterations")
     if args.num_processes:
         return _handle_processes(args, recipe)
-    require_allocator(cfg.allocator, args.command_line)
+    require_allocator(cfg.allocator, getattr(args, "command_line", None))
     rows = bench_train(recipe, args.configs, args.modes, args.iters, args.warmup)
     print(f"\n{'config':<16} {'mode':<8} {'img/s':>8} {'vs fp32':>8}")
     for r in rows:

@@ -39,7 +39,7 @@ def handle(args: argparse.Namespace) -> int:
         raise RecipeError("--resume continues in the given run folder; do not combine with --out")
     if "train" in recipe.stages and recipe.train.strategy == "single":
         # Multi-process strategies preload it into their workers themselves.
-        require_allocator(recipe.train.allocator, args.command_line)
+        require_allocator(recipe.train.allocator, getattr(args, "command_line", None))
     results = run_recipe(recipe, out=args.out, resume=args.resume)
     print(f"accelcore: done in {results['wall_s']:.1f} s -> {results['run_dir']}")
     return 0
