@@ -102,3 +102,16 @@ def test_yolox_output_tail_is_the_nine_predictor_convs():
     names = output_tail_modules(export_raw(raw_model(), example_input((64, 64))))
     assert names == sorted(f"head.{kind}_preds.{k}" for kind in ("cls", "obj", "reg")
                            for k in range(3))
+
+
+def test_channels_last_option_is_used_and_kept_by_the_artifact(tmp_path):
+    model = raw_model(prefer_yolox=False)
+    req = request(tmp_path)
+    req.options = {"channels_last": True}
+    acc = accelerate("inductor_fp32", model, req)
+    assert acc.details["channels_last"] is True
+    x = images()
+    assert rel_err(acc(x), model(x)) < TOL["inductor_fp32"]
+    loaded = reload("inductor_fp32", acc, tmp_path / "artifact")
+    assert loaded.details["channels_last"] is True
+    torch.testing.assert_close(loaded(x), acc(x), rtol=1e-3, atol=1e-3)

@@ -35,3 +35,37 @@ def test_bf16_graph_really_casts(model, tmp_path):
     kinds = {n.kind() for n in script.graph.nodes()} | {
         n.kind() for n in script.inlined_graph.nodes()}
     assert any("reduced_precision" in k or k == "aten::to" for k in kinds), kinds
+
+
+def _weights_channels_last(script: torch.jit.ScriptModule) -> list[bool]:
+    """For every 4-D constant (conv weight) of the frozen graph: is it NHWC?"""
+    found = []
+    for node in script.inlined_graph.nodes():
+        if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType":
+            value = node.output().toIValue()
+            if value.dim() == 4 and value.shape[1] > 1 and value.shape[2] * value.shape[3] > 1:
+                found.append(value.is_contiguous(memory_format=torch.channels_last))
+    return found
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_trace_leaves_the_caller_model_alone(channels_last, tmp_path):
+    import copy
+
+    from accelcore.plugins import get_plugin_manager
+
+    model = raw_model(prefer_yolox=False)
+    before = copy.deepcopy(model.state_dict())
+    req = request(tmp_path)
+    req.options = {"channels_last": channels_last}
+    acc = get_plugin_manager().hook.accelcore_accelerate(method="jit_fp32", model=model,
+                                                        request=req)
+    assert acc.details["channels_last"] is channels_last
+    assert all(p.is_contiguous() for p in model.parameters())  # not converted in place
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    script = torch.jit.load(str(reload("jit_fp32", acc, tmp_path / "a").save and
+                                (tmp_path / "a" / "model.torchscript")))
+    layouts = _weights_channels_last(script)
+    assert layouts and all(x is channels_last for x in layouts)
+    x = images(3)
+    assert rel_err(acc(x), model(x)) < TOL["jit_fp32"]

@@ -90,7 +90,8 @@ def reload(method: str, acc: AcceleratedModel, folder: Path) -> AcceleratedModel
     folder.mkdir(parents=True, exist_ok=True)
     acc.save(folder)
     loaded = get_plugin_manager().hook.accelcore_load_artifact(
-        method=method, folder=folder, manifest={"input_size": list(SIZE), "method": method})
+        method=method, folder=folder,
+        manifest={"input_size": list(SIZE), "method": method, "details": acc.details})
     assert loaded is not None
     return loaded
 

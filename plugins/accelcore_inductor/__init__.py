@@ -47,10 +47,12 @@ def accelcore_declare() -> list[Declaration]:
     return decls
 
 
-def _build(method: str, module: Any, input_size: Any, details: dict) -> AcceleratedModel:
+def _build(method: str, module: Any, input_size: Any, details: dict,
+           channels_last: bool | None = None) -> AcceleratedModel:
     from accelcore.inference.pt2e import compile_inductor, example_input, save_program
 
-    precision, bf16, channels_last, _ = METHODS[method]
+    precision, bf16, default_layout, _ = METHODS[method]
+    channels_last = default_layout if channels_last is None else bool(channels_last)
 
     def save(folder: Path) -> None:
         save_program(module, example_input(input_size), folder)
@@ -76,7 +78,8 @@ def accelcore_accelerate(method: str, model: Any, request: AccelerateRequest
             reduce_range=options.get("reduce_range"),
             fp32_output_convs=bool(options.get("fp32_output_convs", True)),
             observer=str(options.get("observer", "minmax")))
-    return _build(method, model, request.input_size, details)
+    return _build(method, model, request.input_size, details,
+                  request.options.get("channels_last"))
 
 
 @hookimpl
@@ -86,5 +89,6 @@ def accelcore_load_artifact(method: str, folder: Path, manifest: dict
         return None
     from accelcore.inference.pt2e import load_program
 
-    return _build(method, load_program(folder), manifest["input_size"],
-                  manifest.get("details") or {})
+    details = manifest.get("details") or {}
+    return _build(method, load_program(folder), manifest["input_size"], details,
+                  details.get("channels_last"))

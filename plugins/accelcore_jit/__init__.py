@@ -4,12 +4,17 @@
 TorchScript runs in bf16 without autocast at load). Tracing under autocast needs
 ``cache_enabled=False`` and ``requires_grad_(False)``, else the cached bf16 weight copies are
 rejected as constants ("Cannot insert a Tensor that requires grad as a constant").
+Both trace a channels_last copy of the model by default (option ``channels_last``): the
+frozen graph then runs NHWC convolutions, which the CPU kernels prefer. Measured here
+(yolox_nano, batch 64 @416, fp32, 2 threads): eager NCHW 7029 ms, traced+frozen NCHW 6503 ms,
+traced+frozen channels_last 2816 ms.
 Artifact payload: ``model.torchscript``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +27,10 @@ hookimpl = pluggy.HookimplMarker("accelcore")
 PAYLOAD = "model.torchscript"
 
 METHODS: dict[str, tuple[str, str]] = {
-    "jit_fp32": ("fp32", "TorchScript trace + freeze (constant-folded, conv-BN fused), float32"),
-    "jit_bf16": ("bf16", "TorchScript trace under bf16 autocast + freeze (casts baked in)"),
+    "jit_fp32": ("fp32", "TorchScript trace + freeze (constant-folded, conv-BN fused), float32, "
+                         "channels_last"),
+    "jit_bf16": ("bf16", "TorchScript trace under bf16 autocast + freeze (casts baked in), "
+                         "channels_last"),
 }
 
 
@@ -32,8 +39,10 @@ def accelcore_declare() -> list[Declaration]:
     return [Declaration("backend", name, summary) for name, (_, summary) in METHODS.items()]
 
 
-def _wrap(method: str, script: torch.jit.ScriptModule) -> AcceleratedModel:
+def _wrap(method: str, script: torch.jit.ScriptModule, channels_last: bool) -> AcceleratedModel:
     def forward(images: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return script(images).float()
 
@@ -41,12 +50,17 @@ def _wrap(method: str, script: torch.jit.ScriptModule) -> AcceleratedModel:
         torch.jit.save(script, str(Path(folder) / PAYLOAD))
 
     return AcceleratedModel(method=method, precision=METHODS[method][0], forward=forward,
-                            save=save, details={"payload": PAYLOAD})
+                            save=save, details={"payload": PAYLOAD,
+                                                "channels_last": channels_last})
 
 
-def trace_and_freeze(model: torch.nn.Module, example: torch.Tensor,
-                     bf16: bool = False) -> torch.jit.ScriptModule:
-    """``torch.jit.trace`` + ``torch.jit.freeze`` of an eval-mode model (optionally bf16)."""
+def trace_and_freeze(model: torch.nn.Module, example: torch.Tensor, bf16: bool = False,
+                     channels_last: bool = False) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` + ``torch.jit.freeze`` of an eval-mode model (optionally bf16,
+    optionally traced on a channels_last copy; the caller's model is left as it was)."""
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        example = example.contiguous(memory_format=torch.channels_last)
     model.eval().requires_grad_(False)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if bf16
                 else contextlib.nullcontext())
@@ -62,10 +76,11 @@ def accelcore_accelerate(method: str, model: Any, request: AccelerateRequest
         return None
     from accelcore.inference.pt2e import example_input
 
+    channels_last = bool(request.options.get("channels_last", True))
     # Batch 2 traces as fast as batch 1 and keeps the batch size symbolic in view/reshape.
     script = trace_and_freeze(model, example_input(request.input_size, 2),
-                              bf16=method == "jit_bf16")
-    return _wrap(method, script)
+                              bf16=method == "jit_bf16", channels_last=channels_last)
+    return _wrap(method, script, channels_last)
 
 
 @hookimpl
@@ -76,4 +91,5 @@ def accelcore_load_artifact(method: str, folder: Path, manifest: dict
     path = Path(folder) / PAYLOAD
     if not path.is_file():
         raise FileNotFoundError(f"artifact payload missing: {path}")
-    return _wrap(method, torch.jit.load(str(path)).eval())
+    channels_last = bool((manifest.get("details") or {}).get("channels_last", False))
+    return _wrap(method, torch.jit.load(str(path)).eval(), channels_last)
