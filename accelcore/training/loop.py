@@ -314,8 +314,10 @@ class Trainer:
 
     def save_last(self) -> None:
         if self.write:
-            atomic_save(self.checkpoint_state(), self.ckpt_dir / "last.pth")
+            # Records first: a kill right after the checkpoint lands must not lose the rows up
+            # to it (rows past an older checkpoint are cut back on resume).
             self.records.flush()
+            atomic_save(self.checkpoint_state(), self.ckpt_dir / "last.pth")
 
     def save_best(self, ap: float) -> None:
         if self.write:
