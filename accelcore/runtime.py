@@ -47,18 +47,24 @@ def configure_threads(n: int | None, interop: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+def _libc_function(name: str) -> ctypes._CFuncPtr | None:
+    """``name`` from the C library, or None where there is no such library or function."""
+    if os.name != "posix":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return getattr(libc, name)
+    except (OSError, AttributeError):  # musl / macOS may lack it
+        return None
+
+
 def tune_allocator(top_pad: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
     """Stop glibc from mmap-ing / trimming big blocks; True if applied (glibc only)."""
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return True
-    if os.name != "posix":
-        return False
-    name = ctypes.util.find_library("c") or "libc.so.6"
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl / macOS: no mallopt
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
@@ -91,12 +97,8 @@ def ensure_signal_stack(size: int = 256 << 10) -> bool:
     with SIGSEGV. Call this after creating or releasing OpenVINO objects. Returns True if the
     stack in place is ours.
     """
-    if os.name != "posix":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        sigaltstack = libc.sigaltstack
-    except (OSError, AttributeError):
+    sigaltstack = _libc_function("sigaltstack")
+    if sigaltstack is None:
         return False
     current = _SignalStack()
     if sigaltstack(None, ctypes.byref(current)) != 0:

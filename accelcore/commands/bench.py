@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from accelcore.errors import RecipeError
@@ -68,13 +69,8 @@ def handle_train(args: argparse.Namespace) -> int:
         return _handle_processes(args, recipe)
     require_allocator(cfg.allocator, getattr(args, "command_line", None))
     rows = bench_train(recipe, args.configs, args.modes, args.iters, args.warmup)
-    print(f"\n{'config':<16} {'mode':<8} {'img/s':>8} {'vs fp32':>8}")
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['config']:<16} {r['mode']:<8} {'-':>8} {'-':>8}  unavailable: {r['reason']}")
-            continue
-        ratio = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
-        print(f"{r['config']:<16} {r['mode']:<8} {r['img_per_s']:8.2f} {ratio:>8}")
+    _print_rows(f"{'config':<16} {'mode':<8}", "vs fp32", rows,
+                lambda r: f"{r['config']:<16} {r['mode']:<8}", "unavailable")
     if args.profile:
         first = next((c for c in args.configs if "compile" not in c and c != "ipex"), "fp32")
         prof = profile_train(recipe, first, args.iters, args.warmup)
@@ -97,15 +93,25 @@ def _handle_processes(args: argparse.Namespace, recipe: object) -> int:
 
     rows = bench_distributed(recipe, args.strategies, args.num_processes, args.iters,
                              args.warmup)
-    print(f"\n{'strategy':<11} {'procs x threads':<16} {'img/s':>8} {'vs 1 proc':>9}")
-    for r in rows:
+    def label(r: dict) -> str:
         layout = f"{r['processes']} x {r['threads'] or '?'}"
-        if r["status"] != "ok":
-            print(f"{r['strategy']:<11} {layout:<16} {'-':>8} {'-':>9}  failed: {r['reason']}")
-            continue
-        ratio = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
-        print(f"{r['strategy']:<11} {layout:<16} {r['img_per_s']:8.2f} {ratio:>9}")
+        return f"{r['strategy']:<11} {layout:<16}"
+
+    _print_rows(f"{'strategy':<11} {'procs x threads':<16}", "vs 1 proc", rows, label, "failed")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=2))
         print(f"wrote {args.json_path}")
     return 0
+
+
+def _print_rows(label_header: str, ratio_header: str, rows: list[dict],
+                label: Callable[[dict], str], failed_word: str) -> None:
+    """The img/s table: one line per row, ``-`` and the reason for rows that did not run."""
+    width = len(ratio_header)
+    print(f"\n{label_header} {'img/s':>8} {ratio_header:>{width}}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{label(r)} {'-':>8} {'-':>{width}}  {failed_word}: {r['reason']}")
+            continue
+        ratio = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        print(f"{label(r)} {r['img_per_s']:8.2f} {ratio:>{width}}")
