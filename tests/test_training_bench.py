@@ -12,7 +12,7 @@ import pytest
 from accelcore.commands import bench
 from accelcore.config import load_recipe
 from accelcore.errors import RecipeError
-from accelcore.training.bench import bench_train
+from accelcore.training.bench import CONFIGS, _variant, bench_train
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +33,19 @@ def test_unknown_config_is_a_recipe_error():
         bench_train(load_recipe(data={}), ["fp8"], ["compute"])
     with pytest.raises(RecipeError, match="unknown mode"):
         bench_train(load_recipe(data={}), ["fp32"], ["both"])
+
+
+def test_configs_pin_every_knob_whatever_the_recipe_says():
+    # The main recipe trains channels_last; the fp32 baseline row must still be NCHW eager.
+    recipe = load_recipe(data={"train": {"channels_last": True, "compile": True,
+                                         "precision": "bf16"}})
+    fp32 = _variant(recipe, CONFIGS["fp32"]).train
+    assert (fp32.precision, fp32.channels_last, fp32.compile, fp32.use_ipex) == (
+        "32", False, False, False)
+    cl_compile = _variant(recipe, CONFIGS["fp32_cl_compile"]).train
+    assert (cl_compile.precision, cl_compile.channels_last, cl_compile.compile) == (
+        "32", True, True)
+    assert len({frozenset(c.items()) for c in CONFIGS.values()}) == len(CONFIGS)
 
 
 @pytest.mark.slow

@@ -25,18 +25,29 @@ from accelcore.errors import AccelcoreError, RecipeError
 from accelcore.interfaces import TrainJob
 from accelcore.training.loop import Trainer
 
+#: Every knob a configuration can turn, at its plain value: each configuration sets all of them,
+#: so a recipe's own choice (the main recipe trains channels_last) never leaks into a row —
+#: ``fp32`` is fp32 eager NCHW, the baseline every ratio is taken against.
+_PLAIN: dict[str, Any] = {"precision": "32", "channels_last": False, "compile": False,
+                          "use_ipex": False}
+
+
+def _config(**overrides: Any) -> dict[str, Any]:
+    return {**_PLAIN, **overrides}
+
+
 #: name -> TrainConfig overrides
 CONFIGS: dict[str, dict[str, Any]] = {
-    "fp32": {"precision": "32"},
-    "fp32_cl": {"precision": "32", "channels_last": True},
-    "fp64": {"precision": "64"},
-    "fp16": {"precision": "16"},
-    "bf16": {"precision": "bf16"},
-    "bf16_cl": {"precision": "bf16", "channels_last": True},
-    "bf16_cl_compile": {"precision": "bf16", "channels_last": True, "compile": True},
-    "fp32_compile": {"precision": "32", "compile": True},
-    "fp32_cl_compile": {"precision": "32", "channels_last": True, "compile": True},
-    "ipex": {"precision": "bf16", "channels_last": True, "use_ipex": True},
+    "fp32": _config(),
+    "fp32_cl": _config(channels_last=True),
+    "fp64": _config(precision="64"),
+    "fp16": _config(precision="16"),
+    "bf16": _config(precision="bf16"),
+    "bf16_cl": _config(precision="bf16", channels_last=True),
+    "bf16_cl_compile": _config(precision="bf16", channels_last=True, compile=True),
+    "fp32_compile": _config(compile=True),
+    "fp32_cl_compile": _config(channels_last=True, compile=True),
+    "ipex": _config(precision="bf16", channels_last=True, use_ipex=True),
 }
 DEFAULT_CONFIGS = ("fp32", "bf16", "bf16_cl", "bf16_cl_compile", "ipex")
 MODES = ("compute", "e2e")

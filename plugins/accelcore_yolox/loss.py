@@ -204,6 +204,10 @@ def simota_assign(
     return Assignment(fb, cand_idx[fb, fm], labels[fb, g_idx], ious[fb, g_idx, fm])
 
 
+# SimOTA is data-dependent (per-image target counts, dynamic top-k): under torch.compile it
+# graph-breaks and recompiles for new shapes. Kept eager, so ``torch.compile(model)`` compiles
+# the network (backbone + head, forward and backward) and the loss runs as plain PyTorch.
+@torch.compiler.disable
 def yolox_loss(
     raw: torch.Tensor,
     targets: torch.Tensor,
