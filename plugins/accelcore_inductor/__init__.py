@@ -75,7 +75,7 @@ def accelcore_accelerate(method: str, model: Any, request: AccelerateRequest
         options = request.options
         model, details = quantize_pt2e(
             model, example_input(request.input_size, 2), request.calibration,
-            reduce_range=options.get("reduce_range"),
+            reduce_range=bool(options.get("reduce_range", False)),
             fp32_output_convs=bool(options.get("fp32_output_convs", True)),
             observer=str(options.get("observer", "minmax")))
     return _build(method, model, request.input_size, details,
