@@ -25,3 +25,11 @@ class CheckpointError(AccelcoreError):
 
 class BackendUnavailable(PluginError):
     """A backend cannot run on this machine; the message carries the reason."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: first line of the message"`` (at most ``limit`` characters): how every error
+    reaches a report row, a plugin record or the terminal."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first.rstrip(": ")[:limit]

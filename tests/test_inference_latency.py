@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from accelcore.inference.calibration import build_calibration, spread_indices
-from accelcore.inference.latency import machine_info, measure_latency
+from accelcore.inference.latency import measure_latency
+from accelcore.machine import machine_info
 from accelcore.inference.select import select_method
 
 

@@ -36,7 +36,8 @@ import torch
 from accelcore.errors import BackendUnavailable, PluginError
 from accelcore.inference.artifact import folder_size_mb, save_artifact
 from accelcore.inference.calibration import calibration_from_tensor, load_images, spread_indices
-from accelcore.inference.latency import machine_info, measure_latency, versions
+from accelcore.inference.latency import measure_latency, versions
+from accelcore.machine import machine_info
 from accelcore.inference.select import select_method
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest
 

@@ -1,4 +1,4 @@
-"""One latency procedure for every method, and a description of the machine it ran on.
+"""One latency procedure for every method (the machine it ran on: :mod:`accelcore.machine`).
 
 ``measure_latency`` is the only place speed is measured: warm-up calls are discarded, then the
 callable runs until *both* ``min_runs`` calls and ``min_seconds`` of wall time are reached, and
@@ -14,11 +14,6 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import Any
-
-# CPU features that decide which precisions can be fast (reported with every benchmark).
-_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
-          "amx_bf16", "amx_int8")
-
 
 def measure_latency(fn: Callable[[Any], Any], inputs: Any, warmup: int = 2, min_runs: int = 5,
                     min_seconds: float = 10.0, max_runs: int | None = None) -> dict:
@@ -61,51 +56,6 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty set where that file does not exist)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def machine_info() -> dict:
-    """CPU model, core counts, torch threads and the relevant ISA flags of this machine."""
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    flags = cpu_flags()
-    info: dict[str, Any] = {
-        "cpu": model,
-        "logical_cores": os.cpu_count(),
-        "flags": {name: name in flags for name in _FLAGS},
-        "platform": platform.platform(),
-    }
-    try:
-        import psutil
-
-        info["physical_cores"] = psutil.cpu_count(logical=False)
-    except ImportError:  # psutil is a dependency, but keep this helper usable without it
-        pass
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
-    return info
 
 
 def versions(names: tuple[str, ...] = ("accelcore", "torch", "torchao", "openvino", "nncf",

@@ -1,0 +1,96 @@
+"""What this CPU can do: its model name, ISA flags, and which precisions run natively here.
+
+Everything that chooses by hardware (``train.precision: auto``, ``accelerate.methods: auto``,
+``accelcore doctor``, backends that refuse an emulated path) asks this module, so one faked flag
+set (``ACCELCORE_CPU_FLAGS``, used by tests) changes every decision consistently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from typing import Any, Literal
+
+#: A space-separated flag list that replaces /proc/cpuinfo's (tests; "what would it pick on …").
+FLAGS_ENV = "ACCELCORE_CPU_FLAGS"
+#: The flags that shape CPU inference and training speed, shown in reports and `doctor`.
+REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                  "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+                  "avx_ne_convert")
+
+Support = Literal["native", "emulated", "absent"]
+
+
+def _cpuinfo_field(prefix: str) -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.lru_cache(maxsize=1)
+def _real_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags (``ACCELCORE_CPU_FLAGS`` if set, else /proc/cpuinfo; may be empty)."""
+    faked = os.environ.get(FLAGS_ENV)
+    if faked is not None:
+        return set(faked.replace(",", " ").split())
+    return set(_real_flags())
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
+
+
+def precision_support(flags: set[str] | None = None) -> dict[str, Support]:
+    """How each compute precision runs on this CPU.
+
+    ``native``: the CPU has instructions for it (bf16: AVX512-BF16 or AMX; int8: VNNI or AMX;
+    fp16: AVX512-FP16 or AMX-FP16). ``emulated``: it runs, converted through fp32, usually
+    slower than fp32. ``absent``: the backends refuse it (no AVX2).
+    """
+    flags = cpu_flags() if flags is None else flags
+    has_simd = "avx2" in flags or "avx512f" in flags
+    out: dict[str, Support] = {"fp32": "native" if has_simd else "emulated"}
+    bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    out["bf16"] = "native" if bf16 else ("emulated" if has_simd else "absent")
+    fp16 = bool(flags & {"avx512_fp16", "amx_fp16"})
+    out["fp16"] = "native" if fp16 else ("emulated" if has_simd else "absent")
+    int8 = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    out["int8"] = "native" if int8 else ("emulated" if has_simd else "absent")
+    return out
+
+
+def has_native(precision: str, flags: set[str] | None = None) -> bool:
+    return precision_support(flags).get(precision) == "native"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core counts, the reported ISA flags and precision support of this machine."""
+    flags = cpu_flags()
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "flags": {name: name in flags for name in REPORTED_FLAGS},
+        "precision_support": precision_support(flags),
+        "platform": platform.platform(),
+    }
+    if os.environ.get(FLAGS_ENV) is not None:
+        info["flags_faked"] = True
+    try:
+        import psutil
+
+        info["physical_cores"] = psutil.cpu_count(logical=False)
+    except ImportError:
+        pass
+    return info
