@@ -14,7 +14,7 @@ except PackageNotFoundError:  # running from a source tree without install
 #: Decorate plugin functions with this to implement a hook from ``accelcore.hookspecs``.
 hookimpl = pluggy.HookimplMarker("accelcore")
 
-from accelcore.registry import create_model, list_models, register_model  # noqa: E402
+from accelcore.registry import create_model, list_models  # noqa: E402
 
 
 def load(path: str):  # noqa: ANN201 - returns accelcore.inference.artifact.LoadedModel
@@ -24,4 +24,4 @@ def load(path: str):  # noqa: ANN201 - returns accelcore.inference.artifact.Load
     return load_artifact(path)
 
 
-__all__ = ["__version__", "create_model", "hookimpl", "list_models", "load", "register_model"]
+__all__ = ["__version__", "create_model", "hookimpl", "list_models", "load"]

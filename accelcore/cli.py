@@ -11,7 +11,7 @@ import sys
 from accelcore import __version__
 from accelcore.errors import AccelcoreError
 
-COMMANDS = ("run", "list_plugins", "data", "bench", "optimize", "predict")
+COMMANDS = ("run", "list_plugins", "doctor", "data", "bench", "optimize", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,10 +84,14 @@ class DataConfig:
 class TrainConfig:
     strategy: str = "single"
     num_processes: int = 1
+    # "auto" (the shipped recipes use it): bf16 + channels_last where the CPU has bf16
+    # hardware, else fp32 + channels_last. The bare default stays fp32 so a recipe that names
+    # nothing trains the same numbers on every machine.
     precision: str = "32"
     channels_last: bool = False
     compile: bool = False
-    use_ipex: bool = False
+    # Training-time features provided by plugins (declaration kind "feature"), e.g. [ipex].
+    features: list[str] = field(default_factory=list)
     batch_size: int = 64
     epochs: int = 300
     warmup_epochs: int = 5
@@ -115,6 +119,9 @@ class TrainConfig:
     # Allocator LD_PRELOADed: into the workers (subprocess/spawn/ray strategies), or by
     # restarting the CLI process (single).
     allocator: Literal["default", "jemalloc", "tcmalloc"] = "default"
+    # Plugin-owned options, keyed by the strategy's or feature's name, e.g.
+    # {ray: {address: auto, cpus_per_worker: 1}}; the core passes them on unread.
+    options: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,12 +169,6 @@ class ReportConfig:
 
 
 @dataclass
-class RayConfig:
-    address: str | None = None
-    cpus_per_worker: int | None = None
-
-
-@dataclass
 class Recipe:
     name: str = "recipe"
     stages: list[str] = field(default_factory=lambda: ["train"])
@@ -179,7 +180,6 @@ class Recipe:
     accelerate: AccelerateConfig = field(default_factory=AccelerateConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
     # Where the recipe came from (not a YAML key): used in messages and run names.
     source: str = field(default="<dict>", metadata={"internal": True})
 
@@ -360,12 +360,24 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
     raise RecipeError(f"{source}: {where}: expected {_type_name(tp)}, got {value!r}")
 
 
+#: Keys that were renamed or moved into a plugin's options: key path -> what to write instead.
+MOVED_KEYS = {
+    "train.use_ipex": "train.features: [ipex] (training-time features are plugin-declared)",
+    "ray": "train.options: {ray: {address: ..., cpus_per_worker: ...}} (options belong to the "
+           "ray strategy plugin)",
+}
+
+
 def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
     for key, value in data.items():
+        moved = MOVED_KEYS.get(f"{prefix}{key}")
+        if moved is not None and key not in fields:
+            raise RecipeError(f"{source}: '{prefix}{key}' is no longer a recipe key; "
+                              f"use {moved}")
         if key not in fields:
             hint = _suggest(str(key), list(fields))
             raise RecipeError(

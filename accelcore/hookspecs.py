@@ -10,6 +10,7 @@ something other than ``None``; an implementation returns ``None`` for names it d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
         AccelerateRequest,
         Declaration,
         Precision,
-        TrainJob,
     )
 
 PROJECT = "accelcore"
@@ -42,7 +42,8 @@ def accelcore_declare() -> list[Declaration]:
 def accelcore_build_model(config: Any) -> Any:
     """Build the ``torch.nn.Module`` named by ``config.name`` (a ``ModelConfig``).
 
-    Load ``config.checkpoint`` if set. Return ``None`` for model names this plugin does not own.
+    The module must satisfy :class:`~accelcore.interfaces.Detector` (checked by the core). Load
+    ``config.checkpoint`` if set. Return ``None`` for model names this plugin does not own.
     """
 
 
@@ -50,8 +51,9 @@ def accelcore_build_model(config: Any) -> Any:
 def accelcore_build_data(config: Any, split: str, run_dir: Path) -> Any:
     """Build the dataset for ``split`` ("train" or "val") from a ``DataConfig``.
 
-    ``run_dir`` is where generated data (e.g. the synthetic default set) may be cached.
-    Return ``None`` if this plugin does not handle the configured source.
+    ``run_dir`` is where generated data (e.g. the synthetic default set) may be cached. The core
+    names no data source: the plugin that recognises the config answers; return ``None`` if this
+    plugin does not.
     """
 
 
@@ -61,20 +63,26 @@ def accelcore_precision(name: str) -> Precision | None:
 
 
 @hookspec(firstresult=True)
-def accelcore_train(strategy: str, job: TrainJob) -> dict | None:
-    """Run training with the named strategy ("single", "subprocess", "spawn", "ray").
+def accelcore_launch(strategy: str, fn: Callable[[int, int], Any], nprocs: int,
+                     recipe: Any) -> Any:
+    """Run ``fn(rank, world_size)`` on ``nprocs`` processes with the named strategy.
 
-    The strategy owns processes and their wiring; the training loop itself is the core's
-    ``accelcore.training.loop.fit`` and is never copied. Return the training summary dict.
+    The strategy's ``Launcher`` owns the processes and their wiring (rendezvous, process group,
+    core pinning, the runtime setup of each worker, failure handling); ``fn`` is what each rank
+    runs — the core training loop, a benchmark step, … — and never knows which strategy ran it.
+    ``recipe`` carries the strategy's own options (``recipe.train.options[strategy]``). Return
+    rank 0's return value; return ``None`` for strategies this plugin does not own.
     """
 
 
 @hookspec(firstresult=True)
 def accelcore_prepare_training(model: Any, optimizer: Any, config: Any) -> tuple | None:
-    """Optionally transform ``(model, optimizer)`` before training (e.g. ``ipex.optimize``).
+    """Apply the training-time features this plugin owns to ``(model, optimizer)``.
 
-    ``config`` is the recipe's ``TrainConfig``. Return the new pair, or ``None`` to leave them.
-    Raise :class:`~accelcore.errors.BackendUnavailable` if asked for something that cannot run.
+    ``config`` is the recipe's ``TrainConfig``; a plugin acts only if ``config.features`` names
+    a feature it declared (declaration kind ``"feature"``), with its options from
+    ``config.options[name]``. Return the new pair, or ``None`` to leave them. Raise
+    :class:`~accelcore.errors.BackendUnavailable` if asked for something that cannot run.
     """
 
 
@@ -103,6 +111,15 @@ def accelcore_validate(predictor: Any, dataset: Any, options: Any, input_size: t
     ``predictor(images[B,3,H,W]) -> list of (K, 6) arrays`` in network-input pixels;
     ``options`` is the recipe's ``ValidateConfig``; per-image detections and per-class AP go to
     ``out_dir`` when given. Return ``None`` for datasets this plugin does not own.
+    """
+
+
+@hookspec(firstresult=True)
+def accelcore_checkpoint_info(checkpoint: dict) -> dict | None:
+    """What model a loaded checkpoint (a weights-only ``torch.load`` result) was made for.
+
+    Return ``{"name", "num_classes", "input_size"}`` as far as the weights tell (keys may be
+    missing), or ``None`` if this model plugin does not recognise the checkpoint.
     """
 
 

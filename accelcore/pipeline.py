@@ -8,7 +8,7 @@ artifacts, reports, ``results.json``).
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import logging
 import time
@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from accelcore.build import build_data, build_model
 from accelcore.config import STAGES, Recipe, to_dict
 from accelcore.errors import PluginError, RecipeError
 from accelcore.interfaces import TrainJob
@@ -58,35 +59,20 @@ def prepare_run_dir(recipe: Recipe, out: str | Path | None, resume: str | Path |
 
 def check_names(recipe: Recipe, pm: PluginManager) -> None:
     """Fail early, with the recipe key, for names no loaded plugin provides."""
+    # Data sources are not named here: the data plugin that recognises the recipe's data
+    # section builds it (accelcore.build.build_data), and says so when none does.
     pm.require("model", recipe.model.name, "model.name")
-    pm.require("data", "synthetic" if recipe.data.root is None else "coco", "data.root")
     if "train" in recipe.stages:
         pm.require("strategy", recipe.train.strategy, "train.strategy")
-        pm.require("precision", recipe.train.precision, "train.precision")
+        if recipe.train.precision != "auto":  # auto picks a declared one per CPU
+            pm.require("precision", recipe.train.precision, "train.precision")
     if "accelerate" in recipe.stages:
-        for i, method in enumerate(recipe.accelerate.methods):
-            # Unavailable methods stay in the report with their reason; unknown ones are errors.
-            pm.require("backend", method, f"accelerate.methods[{i}]", available=False)
+        from accelcore.inference.accelerate import resolve_methods
+
+        resolve_methods(recipe.accelerate.methods, pm)  # unknown names are errors, here first
     if "report" in recipe.stages:
         for i, fmt in enumerate(recipe.report.formats):
             pm.require("reporter", fmt, f"report.formats[{i}]")
-
-
-def build_model(pm: PluginManager, recipe: Recipe, checkpoint: str | None = None) -> Any:
-    config = recipe.model
-    if checkpoint is not None:
-        config = dataclasses.replace(config, checkpoint=checkpoint, finetune=False)
-    model = pm.hook.accelcore_build_model(config=config)
-    if model is None:
-        raise PluginError(f"model.name: no plugin built model '{config.name}'")
-    return model
-
-
-def build_data(pm: PluginManager, recipe: Recipe, split: str, run_dir: Path) -> Any:
-    dataset = pm.hook.accelcore_build_data(config=recipe.data, split=split, run_dir=run_dir)
-    if dataset is None:
-        raise PluginError(f"data: no plugin could build the '{split}' split")
-    return dataset
 
 
 def run_recipe(recipe: Recipe, out: str | Path | None = None,
@@ -106,12 +92,14 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None,
     for stage in results["stages"]:
         t0 = time.perf_counter()
         if stage == "train":
+            from accelcore.training.launch import launch
+            from accelcore.training.loop import fit
+
             job = TrainJob(recipe=recipe, run_dir=run_dir,
                            resume=Path(resume) if resume is not None else None)
-            summary = pm.hook.accelcore_train(strategy=recipe.train.strategy, job=job)
-            if summary is None:
-                raise PluginError(f"train.strategy: no plugin ran strategy "
-                                  f"'{recipe.train.strategy}'")
+            # The strategy decides how the ranks start; every rank runs the core loop.
+            summary = launch(pm, recipe, functools.partial(fit, job),
+                             recipe.train.num_processes)
             results["train"] = summary
             checkpoint = summary.get("best_checkpoint") or summary.get("last_checkpoint")
         elif stage == "accelerate":
@@ -143,7 +131,7 @@ def validate(pm: PluginManager, recipe: Recipe, run_dir: Path, checkpoint: str |
                           nms_thre=recipe.validate.nms_thre)
     metrics = pm.hook.accelcore_validate(
         predictor=predictor, dataset=dataset, options=recipe.validate,
-        input_size=tuple(model.meta["input_size"]), out_dir=run_dir / "validate")
+        input_size=tuple(model.input_size), out_dir=run_dir / "validate")
     if metrics is None:
         raise PluginError("validate: no plugin implements accelcore_validate for this dataset")
     (run_dir / "validate.json").write_text(json.dumps(metrics, indent=2, default=str))

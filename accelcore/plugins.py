@@ -2,9 +2,10 @@
 
 Every distribution that declares ``[project.entry-points.accelcore]`` is a plugin; the built-in
 ones in ``plugins/`` are registered exactly like that in our own pyproject. ``--plugin
-module.path`` adds an unpackaged module. A plugin that fails to import is recorded with its
-error and reported by ``list-plugins``; it only becomes fatal when a recipe needs something that
-plugin would have provided.
+module.path`` adds an unpackaged module and ``--plugin no:NAME`` (or ``no:NAME`` in a recipe's
+``plugins:`` list) switches the plugin registered as NAME off, as pytest's ``-p no:NAME`` does. A
+plugin that fails to import is recorded with its error and reported by ``list-plugins``; it only
+becomes fatal when a recipe needs something that plugin would have provided.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class PluginRecord:
     distribution: str
     version: str
     error: str = ""
+    disabled: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,48 @@ class PluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.records: dict[str, PluginRecord] = {}
         self._declared: list[Provided] | None = None
+        self.entry_points_found = 0
+
+    # -- switching off
+    def disable(self, name: str) -> None:
+        """Switch plugin ``name`` off (``--plugin no:NAME``): unregister it and keep it out."""
+        if not name:
+            raise PluginError("--plugin no:NAME: give the plugin name after 'no:'")
+        if self.entry_points_found and name not in self.records:
+            known = ", ".join(sorted(self.records)) or "none loaded"
+            close = difflib.get_close_matches(name, list(self.records), n=1)
+            hint = f" (did you mean 'no:{close[0]}'?)" if close else ""
+            raise PluginError(f"--plugin no:{name}: no plugin named '{name}'{hint}; "
+                              f"loaded: {known}")
+        self.set_blocked(name)  # pluggy unregisters it and refuses to register it again
+        if name in self.records:
+            self.records[name].disabled = True
+        self._declared = None
+
+    def disabled(self) -> list[str]:
+        return sorted(n for n, r in self.records.items() if r.disabled)
+
+    def setup_problem(self) -> str:
+        """Why nothing would load, in one line ('' when plugins were found)."""
+        if self.entry_points_found:
+            return ""
+        try:
+            importlib.metadata.distribution("accelcore")
+            installed = True
+        except importlib.metadata.PackageNotFoundError:
+            installed = False
+        if not installed:
+            return ("no plugin loaded: accelcore is imported from a source checkout that is not "
+                    "installed, so its entry points (the built-in plugins are registered that "
+                    "way too) do not exist; run `pip install -e .` in the checkout")
+        return (f"no plugin loaded: no distribution declares the '{ENTRY_POINT_GROUP}' "
+                "entry-point group (reinstall accelcore: `pip install -e .`)")
 
     # -- loading
     def load_entry_points(self) -> None:
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
                          key=lambda e: e.name):
+            self.entry_points_found += 1
             if ep.name in self.records:
                 continue
             dist = getattr(ep, "dist", None)
@@ -67,6 +106,9 @@ class PluginManager(pluggy.PluginManager):
                 version=dist.version if dist else "?",
             )
             self.records[ep.name] = record
+            if self.is_blocked(ep.name):  # switched off before loading: never imported
+                record.disabled = True
+                continue
             try:
                 module = ep.load()
             except Exception as exc:  # a broken plugin is reported, not fatal
@@ -127,7 +169,7 @@ class PluginManager(pluggy.PluginManager):
         return None
 
     def broken(self) -> list[PluginRecord]:
-        return [r for r in self.records.values() if r.error]
+        return [r for r in self.records.values() if r.error and not r.disabled]
 
     def require(self, kind: str, name: str, key: str, available: bool = True) -> Declaration:
         """The declaration for ``name`` or a one-line error naming the recipe ``key``."""
@@ -136,9 +178,11 @@ class PluginManager(pluggy.PluginManager):
             options = self.names(kind)
             close = difflib.get_close_matches(name, options, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            broken = "; ".join(f"plugin '{r.name}' failed to load ({r.error})"
-                               for r in self.broken())
-            note = f"; note: {broken}" if broken else ""
+            notes = [f"plugin '{r.name}' failed to load ({r.error})" for r in self.broken()]
+            notes += [f"plugin '{n}' is switched off (no:{n})" for n in self.disabled()]
+            if self.setup_problem():
+                notes.append(self.setup_problem())
+            note = f"; note: {'; '.join(notes)}" if notes else ""
             raise PluginError(f"{key}: unknown {kind} '{name}'{hint}; "
                               f"available: {', '.join(options) or 'none'}{note}")
         if available and not provided.declaration.available:
@@ -153,11 +197,20 @@ _MANAGER: PluginManager | None = None
 def get_plugin_manager(extra_modules: Iterable[str] = ()) -> PluginManager:
     """The process-wide plugin manager, with entry points loaded (and any extra modules)."""
     global _MANAGER
+    extra = list(extra_modules)
+    switched_off = [p[3:].strip() for p in extra if p.startswith("no:")]
     if _MANAGER is None:
         _MANAGER = PluginManager()
+        for name in switched_off:  # before loading, so their modules are never imported
+            if not name:
+                raise PluginError("--plugin no:NAME: give the plugin name after 'no:'")
+            _MANAGER.set_blocked(name)
         _MANAGER.load_entry_points()
-    for path in extra_modules:
-        _MANAGER.load_module(path)
+    for name in switched_off:
+        _MANAGER.disable(name)
+    for path in extra:
+        if not path.startswith("no:"):
+            _MANAGER.load_module(path)
     return _MANAGER
 
 

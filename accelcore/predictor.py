@@ -12,17 +12,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from accelcore.interfaces import Detector
+
 
 class Predictor:
     """Turn a batch of letterboxed images into per-image detections.
 
-    ``forward`` maps float32 NCHW BGR 0-255 images to either raw head output (``raw=True``:
-    the model's ``decode`` runs here in fp32) or already-decoded output. ``model`` supplies
-    ``decode`` and ``postprocess`` (a YOLOX-like detector; its weights are not used here).
+    ``forward`` maps float32 NCHW BGR 0-255 images to either the model's raw output
+    (``raw=True``: the model's ``decode`` runs here in fp32) or already-decoded output. ``model``
+    is the :class:`~accelcore.interfaces.Detector` that supplies ``decode`` and ``postprocess``
+    (its weights are not used here).
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor], Any], model: Any, *, raw: bool = True,
-                 conf_thre: float = 0.001, nms_thre: float = 0.65) -> None:
+    def __init__(self, forward: Callable[[torch.Tensor], Any], model: Detector, *,
+                 raw: bool = True, conf_thre: float = 0.001, nms_thre: float = 0.65) -> None:
         self.forward = forward
         self.model = model
         self.raw = raw

@@ -8,15 +8,21 @@ again. Keeping freed memory in the heap avoids that.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import glob
+import json
 import logging
 import os
 import sys
 import sysconfig
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -224,3 +230,136 @@ def require_allocator(name: str, command_line: list[str] | None) -> None:
             f"train.allocator: {name} needs a process started with it; run from the accelcore "
             f"command line (it restarts itself) or set LD_PRELOAD={env['LD_PRELOAD']}")
     restart_with_allocator(name, [sys.executable, "-m", "accelcore.cli", *command_line])
+
+
+# ---------------------------------------------------------------- one runtime setup
+# Training, the strategies' workers, the accelerate stage's per-method processes, predict and
+# bench all run under the same allocator and thread settings: a speed-up measured between two
+# processes that were set up differently measures the setup, not the method (eager fp32 at
+# batch 64 ran 3× slower in an untuned child process than in the tuned parent).
+
+#: Set in a child's environment: the RuntimeSetup (JSON) the child applies first thing.
+RUNTIME_ENV = "ACCELCORE_RUNTIME"
+#: glibc reads these at start-up: the same effect as tune_allocator()'s mallopt calls, but in
+#: force from the process's first allocation (a child imports torch before it could call mallopt).
+GLIBC_TUNING_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+                    "MALLOC_TOP_PAD_": str(256 << 20)}
+_REPORTED_ENV = ("LD_PRELOAD", "MALLOC_CONF", "OMP_NUM_THREADS", "KMP_BLOCKTIME",
+                 "KMP_AFFINITY", *GLIBC_TUNING_ENV)
+
+
+@dataclass(frozen=True)
+class RuntimeSetup:
+    """The process-level settings a job runs under.
+
+    ``allocator``: "default" (glibc), "jemalloc" or "tcmalloc" (preloaded into new processes).
+    ``malloc_tuning``: keep freed memory in glibc's heap (no mmap/trim storms; default allocator).
+    ``threads``: torch intra-op threads (None: torch's default, one per usable core).
+    ``stock()`` is what a user has before installing accelcore: nothing tuned.
+    """
+
+    allocator: str = "default"
+    malloc_tuning: bool = True
+    threads: int | None = None
+
+    @classmethod
+    def stock(cls) -> RuntimeSetup:
+        return cls(allocator="default", malloc_tuning=False, threads=None)
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, threads: int | None = None) -> RuntimeSetup:
+        """The recipe's setup; ``threads`` overrides the training thread count (inference)."""
+        cfg = recipe.train
+        return cls(allocator=cfg.allocator, malloc_tuning=cfg.malloc_tuning,
+                   threads=threads if threads is not None else cfg.threads)
+
+    def env(self) -> dict[str, str]:
+        """Environment that makes a *new* process start under this setup (and apply it)."""
+        env = allocator_env(self.allocator)
+        if self.malloc_tuning and self.allocator == "default":
+            env.update(GLIBC_TUNING_ENV)
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        env[RUNTIME_ENV] = json.dumps(dataclasses.asdict(self))
+        return env
+
+    def apply(self) -> None:
+        """Apply what can still change inside this (already running) process."""
+        if self.malloc_tuning and self.allocator == "default":
+            tune_allocator()
+        configure_threads(self.threads)
+
+    @contextlib.contextmanager
+    def exported(self) -> Iterator[None]:
+        """Export :meth:`env` for the block, for start methods that inherit the environment
+        (multiprocessing spawn, Ray's local workers). A stock setup also removes the tuning
+        variables this process may carry, so its children really run untuned."""
+        env = self.env()
+        drop = [] if self.malloc_tuning else [*GLIBC_TUNING_ENV, "LD_PRELOAD", "MALLOC_CONF"]
+        saved = {k: os.environ.get(k) for k in [*env, *drop]}
+        for key in drop:
+            if key not in env:
+                os.environ.pop(key, None)
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def inherited_setup() -> RuntimeSetup | None:
+    """The setup a parent asked this process to run under (``None`` if started by hand)."""
+    text = os.environ.get(RUNTIME_ENV)
+    if not text:
+        return None
+    try:
+        return RuntimeSetup(**json.loads(text))
+    except (ValueError, TypeError):
+        log.warning("ignoring malformed %s=%r", RUNTIME_ENV, text)
+        return None
+
+
+def apply_inherited_setup() -> RuntimeSetup | None:
+    """First thing in a child process: apply the setup the parent chose, if any."""
+    setup = inherited_setup()
+    if setup is not None:
+        setup.apply()
+    return setup
+
+
+def openmp_runtime() -> str:
+    """The OpenMP library mapped into this process (libgomp, Intel's libiomp5, LLVM's libomp)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    found = [name for name in ("libiomp5", "libgomp", "libomp") if f"/{name}" in maps]
+    return ", ".join(found) or "none loaded"
+
+
+def glibc_tuned() -> bool:
+    """True if this process's glibc heap keeps big blocks (mallopt here or the env at start)."""
+    return _ALLOCATOR_TUNED or all(os.environ.get(k) == v for k, v in GLIBC_TUNING_ENV.items())
+
+
+def describe_runtime() -> dict[str, Any]:
+    """What this process actually runs under (written into every report row and summary)."""
+    allocator = loaded_allocator()
+    if allocator == "default":
+        allocator = "glibc (tuned)" if glibc_tuned() else "glibc (stock)"
+    try:
+        affinity = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = []
+    return {"allocator": allocator, "openmp": openmp_runtime(),
+            "threads": torch.get_num_threads(), "affinity": affinity,
+            "env": {k: os.environ[k] for k in _REPORTED_ENV if k in os.environ}}
+
+
+def runtime_label(info: dict[str, Any]) -> str:
+    """``"glibc (tuned), libgomp, 2 threads"`` — the short form for tables."""
+    return f"{info['allocator']}, {info['openmp']}, {info['threads']} threads"

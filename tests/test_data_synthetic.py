@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from accelcore.data.coco import COCODataset
-from accelcore.data.synthetic import class_table, ensure_synthetic, main, synthesize
+from accelcore.data.synthetic import class_table, ensure_synthetic, synthesize
 from accelcore.errors import DataError
 from accelcore.interfaces import Declaration
 
@@ -109,10 +109,12 @@ def test_ensure_synthetic_reuses_identical_params(tmp_path: Path) -> None:
         ensure_synthetic(tmp_path, num_classes=99)
 
 
-def test_cli_main(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["--out", str(tmp_path / "cli"), "--images", "3", "--val-images", "1",
-                 "--size", "96", "--num-classes", "3"]) == 0
-    assert "wrote 3 train + 1 val" in capsys.readouterr().out
+def test_cli_data_synth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from accelcore.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "cli"), "--images", "3",
+                 "--val-images", "1", "--size", "96", "--num-classes", "3"]) == 0
+    assert f"written to {tmp_path / 'cli'}" in capsys.readouterr().out
     ds = COCODataset(tmp_path / "cli", "val2017", "instances_val2017.json")
     assert len(ds) == 1 and ds.num_classes == 3
 
@@ -140,6 +142,5 @@ def test_plugin_declares_and_builds(synth: Path, tmp_path: Path) -> None:
     assert len(ds) == 4 and ds.root == synth
     with pytest.raises(DataError, match="unknown data split"):
         plugin.accelcore_build_data(coco_cfg, "test", tmp_path)
-    assert plugin.accelcore_build_data(SimpleNamespace(source="voc"), "train", tmp_path) is None
     with pytest.raises(DataError, match="dataset root not found"):
         plugin.accelcore_build_data(SimpleNamespace(root=str(tmp_path / "x")), "val", tmp_path)

@@ -107,3 +107,20 @@ def test_other_size_and_missing_file(source, tmp_path):
     torch.save({"epoch": 3}, empty)
     with pytest.raises(CheckpointError, match="no state_dict"):
         load_checkpoint(_model(80), empty)
+
+
+def test_checkpoint_info_hook(source):
+    from accelcore_yolox import accelcore_checkpoint_info
+
+    official = {"start_epoch": 300, "model": source.state_dict(), "optimizer": {}}
+    assert accelcore_checkpoint_info(official) == {"num_classes": 80}
+    assert accelcore_checkpoint_info(source.state_dict()) == {"num_classes": 80}
+    ours = {"model": _model(3).state_dict(),
+            "meta": {"name": "yolox_nano", "num_classes": 3, "input_size": [320, 320]}}
+    assert accelcore_checkpoint_info(ours) == {"name": "yolox_nano", "num_classes": 3,
+                                               "input_size": [320, 320]}
+    # Not YOLOX: another model's accelcore checkpoint, weights without a YOLOX head, no weights.
+    other = {"model": {"conv.weight": torch.zeros(4, 3, 1, 1)}, "meta": {"name": "tiny_grid"}}
+    assert accelcore_checkpoint_info(other) is None
+    assert accelcore_checkpoint_info({"model": {"conv.weight": torch.zeros(4, 3, 1, 1)}}) is None
+    assert accelcore_checkpoint_info({"epoch": 3}) is None

@@ -204,13 +204,15 @@ def _batch():
 
 def test_train_step(model):
     model.train()
-    model.head.use_l1 = True
     images, targets = _batch()
+    assert model(images, targets)["l1_loss"] == 0  # official: no L1 while augmenting
+    model.start_no_augmentation()  # the Detector switch the loop calls for the no-aug epochs
     try:
         losses = model(images, targets)
     finally:
         model.head.use_l1 = False
-    assert set(losses) == {"total_loss", "iou_loss", "l1_loss", "conf_loss", "cls_loss", "num_fg"}
+    assert set(losses) == set(model.loss_keys) == {
+        "total_loss", "iou_loss", "l1_loss", "conf_loss", "cls_loss", "num_fg"}
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["num_fg"] > 0 and losses["l1_loss"] > 0
     model.zero_grad()

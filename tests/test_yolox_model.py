@@ -18,13 +18,13 @@ from accelcore.errors import RecipeError
 
 
 def create(name: str, **kwargs):
-    """Through the public registry (the plugin import above registered the models)."""
+    """Through the public helper, i.e. the plugin manager and the yolox plugin's hook."""
     return registry.create_model(name, **kwargs)
 
 
-def test_all_sizes_registered():
-    for name in (*SPECS, "yolox_custom"):
-        assert name in registry._MODELS, name
+def test_all_sizes_found_through_the_plugin():
+    assert set(registry.list_models("yolox_*")) == set(MODEL_NAMES)
+    assert registry.list_models("yolox_n*") == ["yolox_nano"]
     assert set(MODEL_NAMES) == {
         "yolox_nano",
         "yolox_tiny",
@@ -349,3 +349,25 @@ def test_hook_build_model_loads_checkpoint(tmp_path):
     torch.save({"model": src.state_dict()}, path)
     m = accelcore_yolox.accelcore_build_model(_cfg(checkpoint=str(path)))
     assert torch.equal(m.head.reg_preds[0].bias, torch.full((4,), 0.5))
+
+
+def test_yolox_is_a_detector():
+    from accelcore.interfaces import Detector, missing_detector_members
+
+    model = create("yolox_nano", num_classes=3, input_size=[320, 256])
+    assert isinstance(model, Detector) and missing_detector_members(model) == []
+    assert model.input_size == (320, 256) and model.num_classes == 3
+    assert model.meta["name"] == "yolox_nano" and model.output_mode == "decoded"
+    assert not model.head.use_l1
+    model.start_no_augmentation()
+    model.start_no_augmentation()  # idempotent
+    assert model.head.use_l1
+
+
+def test_create_model_errors():
+    from accelcore.errors import PluginError
+
+    with pytest.raises(PluginError, match="did you mean 'yolox_nano'"):
+        create("yolox_nan")
+    with pytest.raises(RecipeError, match="unknown option 'num_class'.*did you mean 'num_classes'"):
+        create("yolox_nano", num_class=3)

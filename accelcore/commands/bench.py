@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from accelcore.commands import add_plugin_option
 from accelcore.errors import RecipeError
 
 
@@ -42,13 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--json", dest="json_path", metavar="FILE", help="write the rows as JSON")
     t.add_argument("--profile", action="store_true",
                    help="also print where the step time goes (first config, eager, e2e)")
-    t.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
-                   help="load an unpackaged plugin module (import path); repeatable")
+    add_plugin_option(t)
     t.add_argument("--num-processes", type=lambda s: [int(x) for x in _csv(s)], default=None,
                    metavar="N,N", help="instead of --configs: the recipe's config on N DDP "
                    "processes with disjoint cores (e.g. 1,2 = 1x2 vs 2x1 threads on 2 cores)")
-    t.add_argument("--strategies", type=_csv, default=["subprocess", "spawn", "ray"],
-                   help="with --num-processes: subprocess,spawn,ray (default all)")
+    t.add_argument("--strategies", type=_csv, default=None,
+                   help="with --num-processes: comma-separated strategies (default: every "
+                   "declared strategy but single; see accelcore list-plugins)")
     t.set_defaults(handler=handle_train)
 
 
@@ -88,11 +89,12 @@ def handle_train(args: argparse.Namespace) -> int:
 
 
 def _handle_processes(args: argparse.Namespace, recipe: object) -> int:
-    """Rows per strategy x process count (multi-process strategies, issue 7)."""
-    from accelcore_strategies.bench import bench_distributed
+    """Rows per strategy x process count, each strategy run through ``accelcore_launch``."""
+    from accelcore.plugins import get_plugin_manager
+    from accelcore.training.distributed_bench import bench_distributed
 
-    rows = bench_distributed(recipe, args.strategies, args.num_processes, args.iters,
-                             args.warmup)
+    rows = bench_distributed(get_plugin_manager(recipe.plugins), recipe, args.strategies,
+                             args.num_processes, args.iters, args.warmup)
     def label(r: dict) -> str:
         layout = f"{r['processes']} x {r['threads'] or '?'}"
         return f"{r['strategy']:<11} {layout:<16}"

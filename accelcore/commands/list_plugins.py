@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from accelcore.commands import add_plugin_option
+from accelcore.interfaces import KINDS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("list-plugins", help="list plugins, what they provide, availability",
                               description="List every plugin (built-in and third-party, loaded "
                                           "through the `accelcore` entry-point group).")
-    p.add_argument("--kind", help="only this kind (model, data, strategy, precision, backend, "
-                                  "reporter)")
+    p.add_argument("--kind", choices=KINDS, help="only this kind")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
-                   help="also load an unpackaged plugin module")
+    add_plugin_option(p)
     p.set_defaults(handler=handle)
 
 
@@ -30,20 +31,26 @@ def rows(kind: str | None = None, extra: list[str] | None = None) -> list[dict]:
         out.append({"plugin": rec.name, "kind": d.kind, "provides": d.name,
                     "available": d.available, "reason": d.reason, "summary": d.summary,
                     "version": rec.version, "distribution": rec.distribution})
-    for rec in pm.broken():
-        if kind is None:
+    for rec in pm.records.values():
+        if kind is None and (rec.error or rec.disabled):
+            why = f"switched off (no:{rec.name})" if rec.disabled else (
+                f"failed to load: {rec.error}")
             out.append({"plugin": rec.name, "kind": "?", "provides": rec.module,
-                        "available": False, "reason": f"failed to load: {rec.error}",
-                        "summary": "", "version": rec.version,
-                        "distribution": rec.distribution})
-    order = ("model", "data", "strategy", "precision", "backend", "reporter", "?")
+                        "available": False, "reason": why, "summary": "",
+                        "version": rec.version, "distribution": rec.distribution})
+    order = (*KINDS, "?")
     out.sort(key=lambda r: (order.index(r["kind"]) if r["kind"] in order else 99,
                             r["plugin"], r["provides"]))
     return out
 
 
 def handle(args: argparse.Namespace) -> int:
+    from accelcore.plugins import get_plugin_manager
+
     table = rows(args.kind, args.plugins)
+    problem = get_plugin_manager().setup_problem()
+    if problem:
+        print(f"accelcore: {problem}")
     if args.json:
         print(json.dumps(table, indent=2))
         return 0

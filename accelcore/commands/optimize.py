@@ -1,8 +1,9 @@
 """``accelcore optimize``: accelerate a trained checkpoint with every method and report.
 
 A shortcut for a recipe with ``stages: [accelerate, report]``: the model name, class count and
-input size come from the checkpoint's ``meta`` (accelcore checkpoints) or its class-prediction
-weights (official YOLOX ``.pth``); ``--set`` overrides any recipe key.
+input size come from the checkpoint's ``meta`` (written by accelcore's training loop) and, for
+what that does not tell (e.g. an official ``.pth`` of a model plugin), from the model plugin's
+``accelcore_checkpoint_info`` hook; ``--set`` overrides any recipe key.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from accelcore.commands import add_plugin_option
 from accelcore.errors import CheckpointError, RecipeError
 
 
@@ -28,12 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default: runs/optimize-<timestamp>/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set accelerate.batch_size=8")
-    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
-                   help="load an unpackaged plugin module (import path); repeatable")
+    add_plugin_option(p)
     p.set_defaults(handler=handle)
 
 
-def checkpoint_meta(path: str | Path) -> dict[str, Any]:
+def checkpoint_meta(path: str | Path, pm: Any) -> dict[str, Any]:
     """``name``, ``num_classes``, ``input_size`` as far as the checkpoint tells them."""
     import torch
 
@@ -44,23 +45,19 @@ def checkpoint_meta(path: str | Path) -> dict[str, Any]:
     except Exception as exc:
         raise CheckpointError(f"--model {path}: cannot read checkpoint: "
                               f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
-    meta: dict[str, Any] = {}
+    keys = ("name", "num_classes", "input_size")
+    # The plugin that recognises the weights first; the loop's own "meta" (it wrote it) wins.
+    meta = {k: v for k, v in (pm.hook.accelcore_checkpoint_info(checkpoint=obj) or {}).items()
+            if k in keys and v is not None}
     if isinstance(obj, dict) and isinstance(obj.get("meta"), dict):
-        meta = {k: obj["meta"][k] for k in ("name", "num_classes", "input_size")
-                if obj["meta"].get(k) is not None}
-    if "num_classes" not in meta and isinstance(obj, dict):
-        for entry in (obj.get("model"), obj.get("ema"), obj):
-            weight = entry.get("head.cls_preds.0.weight") if isinstance(entry, dict) else None
-            if hasattr(weight, "shape"):
-                meta["num_classes"] = int(weight.shape[0])
-                break
+        meta.update({k: obj["meta"][k] for k in keys if obj["meta"].get(k) is not None})
     return meta
 
 
-def build_recipe(args: argparse.Namespace, all_methods: list[str]) -> Any:
+def build_recipe(args: argparse.Namespace, all_methods: list[str], pm: Any) -> Any:
     from accelcore.config import load_recipe
 
-    meta = checkpoint_meta(args.model)
+    meta = checkpoint_meta(args.model, pm)
     model: dict[str, Any] = {"checkpoint": str(args.model)}
     if "name" in meta:
         model["name"] = meta["name"]
@@ -86,7 +83,7 @@ def handle(args: argparse.Namespace) -> int:
     pm = get_plugin_manager(args.plugins)
     available = [p.declaration.name for p in pm.declarations()
                  if p.declaration.kind == "backend" and p.declaration.available]
-    recipe = build_recipe(args, sorted(set(available)))
+    recipe = build_recipe(args, sorted(set(available)), pm)
     results = run_recipe(recipe, out=args.out)
     print(f"accelcore: selected {results.get('selected') or 'none'}; "
           f"artifacts: {', '.join(results.get('artifacts', {}).values()) or 'none'}")

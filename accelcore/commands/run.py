@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from accelcore.commands import add_plugin_option
 from accelcore.config import load_recipe
 
 
@@ -17,8 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default: runs/<recipe>-<timestamp>/)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue training from RUN_DIR/checkpoints/last.pth")
-    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
-                   help="load an unpackaged plugin module (import path); repeatable")
+    add_plugin_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars (same as "
                    "--set train.quiet=true)")
     p.set_defaults(handler=handle)

@@ -8,13 +8,11 @@ depends only on (seed, split, i), so the training images do not change when ``va
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import shutil
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -335,23 +333,3 @@ def ensure_synthetic(cache_dir: str | Path, **params: Any) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``accelcore data synth --out DIR [--images N --val-images M --size S --seed K]``."""
-    p = argparse.ArgumentParser(prog="accelcore data synth", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder (COCO layout)")
-    p.add_argument("--images", type=int, default=512, help="training images")
-    p.add_argument("--val-images", type=int, default=64, help="validation images")
-    p.add_argument("--size", type=int, default=416, help="longer image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-classes", type=int, default=8, help=f"1..{MAX_CLASSES}")
-    a = p.parse_args(argv)
-    t0 = time.perf_counter()
-    out = synthesize(a.out, a.images, a.val_images, a.size, a.seed, a.num_classes)
-    print(f"wrote {a.images} train + {a.val_images} val images ({a.num_classes} classes) to "
-          f"{out} in {time.perf_counter() - t0:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

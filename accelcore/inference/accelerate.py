@@ -20,6 +20,7 @@ the same calibration images, and the same evaluation through
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -35,16 +36,19 @@ import torch
 
 from accelcore.errors import BackendUnavailable, PluginError
 from accelcore.inference.artifact import folder_size_mb, save_artifact
+from accelcore.inference.auto import AUTO, MethodChoice, expand_auto
 from accelcore.inference.calibration import calibration_from_tensor, load_images, spread_indices
 from accelcore.inference.latency import measure_latency, versions
-from accelcore.machine import machine_info
 from accelcore.inference.select import select_method
-from accelcore.interfaces import AcceleratedModel, AccelerateRequest
+from accelcore.interfaces import AcceleratedModel, AccelerateRequest, Detector
+from accelcore.machine import machine_info
+from accelcore.runtime import RuntimeSetup, describe_runtime
 
 log = logging.getLogger(__name__)
 BASELINE = "original"
 _ROW_KEYS = ("method", "status", "reason", "latency_ms", "p10_ms", "p90_ms", "img_per_s",
-             "speedup", "ap50_95", "ap50", "convert_s", "size_mb", "precision", "summary")
+             "speedup", "ap50_95", "ap50", "convert_s", "size_mb", "precision", "summary",
+             "runtime")
 
 
 @dataclass
@@ -64,6 +68,7 @@ class MethodJob:
     staging_dir: Path
     manifest: dict                  # model/classes/input size, common to every artifact
     threads: int | None = None
+    runtime: RuntimeSetup = field(default_factory=RuntimeSetup)
     plugins: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)  # per-method backend options
 
@@ -141,6 +146,7 @@ def run_method(job: MethodJob, method: str, pm: Any) -> dict:
             row.update(ap50_95=float(metrics["ap50_95"]), ap50=float(metrics["ap50"]),
                        eval_s=round(time.perf_counter() - t1, 2))
             row["status"] = "ok"
+            row["runtime"] = describe_runtime()
         except BackendUnavailable as exc:
             row.update(status="unavailable", reason=_one_line(exc))
             return row
@@ -164,7 +170,9 @@ def run_method(job: MethodJob, method: str, pm: Any) -> dict:
 def _child(job_path: str, method: str, result_path: str) -> None:
     """Entry point of a method process (spawn): load the job, run, write the row as JSON."""
     from accelcore.plugins import get_plugin_manager
+    from accelcore.runtime import apply_inherited_setup
 
+    apply_inherited_setup()  # the parent's allocator/thread choice, before any real work
     try:
         job: MethodJob = torch.load(job_path, weights_only=False)
         pm = get_plugin_manager(job.plugins)
@@ -176,13 +184,15 @@ def _child(job_path: str, method: str, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(row, default=str))
 
 
-def _run_in_process(job_path: Path, method: str, work_dir: Path) -> dict:
+def _run_in_process(job_path: Path, method: str, work_dir: Path,
+                    setup: RuntimeSetup) -> dict:
     result = work_dir / f"{method}.result.json"
     result.unlink(missing_ok=True)
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(target=_child, args=(str(job_path), method, str(result)),
                        name=f"accelcore-{method}")
-    proc.start()
+    with setup.exported():  # spawn inherits the environment: allocator + threads from the start
+        proc.start()
     proc.join()
     if result.is_file():
         return json.loads(result.read_text())
@@ -192,26 +202,40 @@ def _run_in_process(job_path: Path, method: str, work_dir: Path) -> dict:
             "reason": f"method process died ({how}) before reporting"}
 
 
-def _input_size(recipe: Any, model: Any) -> tuple[int, int]:
-    size = recipe.model.input_size or getattr(model, "meta", {}).get("input_size")
-    if not size:
-        raise PluginError("accelerate: the model has no input size; set model.input_size")
+def _input_size(recipe: Any, model: Detector) -> tuple[int, int]:
+    size = recipe.model.input_size or model.input_size
     return int(size[0]), int(size[1])
 
 
-def resolve_methods(methods: list[str], pm: Any) -> list[str]:
-    """Check every name against the declared backends (clear error for unknown ones) and put
-    the ``original`` baseline first (added if missing: speed-ups and the accuracy criterion
-    are relative to it)."""
+def _manifest_model(recipe: Any, model: Detector) -> dict:
+    """What ``create_model`` needs to rebuild the model's decode/NMS when the artifact is
+    loaded: the recipe's ``model.*`` keys (the plugin may need any of them), never weights."""
+    config = {k: v for k, v in dataclasses.asdict(recipe.model).items()
+              if v is not None and k not in ("checkpoint", "finetune")}
+    return {**config, "name": model.meta.get("name", recipe.model.name),
+            "num_classes": int(model.meta.get("num_classes", model.num_classes))}
+
+
+def resolve_methods(methods: list[str], pm: Any,
+                    flags: set[str] | None = None) -> tuple[list[str], list[MethodChoice]]:
+    """The methods to run, ``original`` first, and the ones ``auto`` skipped (with reasons).
+
+    Every listed name is checked against the declared backends (one-line error for unknown
+    ones); ``auto`` expands to the methods that can be fast on this CPU
+    (:mod:`accelcore.inference.auto`). ``original`` is added if missing: speed-ups and the
+    accuracy criterion are relative to it.
+    """
     for i, method in enumerate(methods):
-        pm.require("backend", method, f"accelerate.methods[{i}]", available=False)
-    ordered = list(dict.fromkeys(methods))
+        if method != AUTO:
+            pm.require("backend", method, f"accelerate.methods[{i}]", available=False)
+    expanded, skipped = expand_auto(methods, pm, flags)
+    ordered = list(dict.fromkeys(expanded))
     if BASELINE in ordered:
         ordered.remove(BASELINE)
-    return [BASELINE, *ordered]
+    return [BASELINE, *ordered], skipped
 
 
-def run_accelerate(recipe: Any, model: Any, run_dir: Path, val_dataset: Any,
+def run_accelerate(recipe: Any, model: Detector, run_dir: Path, val_dataset: Any,
                    calib_dataset: Any, pm: Any, isolate: bool | None = None) -> dict:
     """Run the accelerate stage of ``recipe`` for ``model``; returns the results dict.
 
@@ -224,11 +248,10 @@ def run_accelerate(recipe: Any, model: Any, run_dir: Path, val_dataset: Any,
     cfg = recipe.accelerate
     isolate = cfg.isolate if isolate is None else isolate
     run_dir = Path(run_dir)
-    methods = resolve_methods(cfg.methods, pm)
+    methods, skipped = resolve_methods(cfg.methods, pm)
     input_size = _input_size(recipe, model)
     raw = copy.deepcopy(model).eval()
-    if hasattr(raw, "output_mode"):
-        raw.output_mode = "raw"  # the backend contract: undecoded head output
+    raw.output_mode = "raw"  # the backend contract: the undecoded output (Detector)
     for p in raw.parameters():
         p.requires_grad_(False)
 
@@ -237,7 +260,6 @@ def run_accelerate(recipe: Any, model: Any, run_dir: Path, val_dataset: Any,
     staging.mkdir(parents=True, exist_ok=True)
     calib_n = min(cfg.calibration_images, len(calib_dataset))
     class_names = list(getattr(val_dataset, "class_names", []) or [])
-    meta = getattr(raw, "meta", {}) or {}
     job = MethodJob(
         model=raw, input_size=input_size, batch_size=cfg.batch_size,
         latency={"warmup": cfg.latency.warmup, "min_runs": cfg.latency.min_runs,
@@ -251,18 +273,19 @@ def run_accelerate(recipe: Any, model: Any, run_dir: Path, val_dataset: Any,
         validate={"conf_thre": recipe.validate.conf_thre, "nms_thre": recipe.validate.nms_thre,
                   "max_images": recipe.validate.max_images},
         work_dir=work_dir, staging_dir=staging,
-        manifest={"model": {"name": meta.get("name", recipe.model.name),
-                            "num_classes": int(meta.get("num_classes",
-                                                        recipe.model.num_classes))},
+        manifest={"model": _manifest_model(recipe, raw),
                   "class_names": class_names, "input_size": list(input_size),
                   "batch_size": cfg.batch_size, "versions": versions()},
-        threads=cfg.threads, plugins=list(recipe.plugins), options=dict(cfg.options))
+        threads=cfg.threads, runtime=RuntimeSetup.from_recipe(recipe, threads=cfg.threads),
+        plugins=list(recipe.plugins), options=dict(cfg.options))
     job_path = work_dir / "job.pt"
     if isolate:
         torch.save(job, job_path)
 
     rows: list[dict] = []
     threads_before = torch.get_num_threads()
+    if not isolate:
+        job.runtime.apply()  # in-process methods run under the same setup as isolated ones
     for method in methods:
         provided = pm.find("backend", method)
         if not provided.declaration.available:
@@ -270,7 +293,7 @@ def run_accelerate(recipe: Any, model: Any, run_dir: Path, val_dataset: Any,
             row.update(method=method, status="unavailable", reason=provided.declaration.reason,
                        summary=provided.declaration.summary)
         elif isolate:
-            row = _run_in_process(job_path, method, work_dir)
+            row = _run_in_process(job_path, method, work_dir, job.runtime)
         else:
             row = run_method(job, method, pm)
             torch._dynamo.reset()  # compiled code of one method must not serve the next
@@ -281,6 +304,12 @@ def run_accelerate(recipe: Any, model: Any, run_dir: Path, val_dataset: Any,
         rows.append(row)
         _print_row(row)
 
+    for choice in skipped:  # in the report, with the reason, but not run
+        row = {k: None for k in _ROW_KEYS}
+        decl = pm.find("backend", choice.method).declaration
+        row.update(method=choice.method, status="skipped" if decl.available else "unavailable",
+                   reason=choice.reason, summary=decl.summary)
+        rows.append(row)
     base = rows[0]
     for row in rows:
         if row["latency_ms"] and base.get("latency_ms"):
@@ -291,6 +320,7 @@ def run_accelerate(recipe: Any, model: Any, run_dir: Path, val_dataset: Any,
     return {
         "methods": rows, "batch_size": cfg.batch_size, "input_size": list(input_size),
         "machine": {**machine_info(), "accelerate_threads": cfg.threads or threads_before},
+        "runtime_setup": dataclasses.asdict(job.runtime),
         "versions": versions(), "selected": selected, "selection_reason": why,
         "accuracy_criterion": {"metric": cfg.accuracy_criterion.metric,
                                "kind": cfg.accuracy_criterion.kind,

@@ -140,7 +140,8 @@ def load_artifact(path: str | Path, pm: Any = None) -> LoadedModel:
     if accelerated is None:
         raise PluginError(f"{folder}: no loaded plugin can load artifacts of method "
                           f"'{manifest['method']}' (is its backend plugin installed?)")
-    model = manifest["model"]
-    decoder = create_model(model["name"], num_classes=int(model["num_classes"]))
+    # The model config recorded at save time (older manifests: name and num_classes only).
+    model = dict(manifest["model"])
+    decoder = create_model(model.pop("name"), **model)
     decoder.eval()
     return LoadedModel(folder, manifest, accelerated, decoder)

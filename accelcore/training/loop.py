@@ -2,8 +2,9 @@
 
 YOLOX recipe (official ``Trainer`` semantics): SGD + Nesterov over three parameter groups,
 per-iteration "yoloxwarmcos" lr, EMA of the weights, multiscale input every
-``multiscale_interval`` iterations, mosaic/mixup closed and L1 loss switched on for the last
-``no_aug_epochs`` (where evaluation runs every epoch), evaluation of the EMA weights, best/last
+``multiscale_interval`` iterations, mosaic/mixup closed and the model told so
+(``Detector.start_no_augmentation``: YOLOX's L1 loss) for the last ``no_aug_epochs`` (where
+evaluation runs every epoch), evaluation of the EMA weights, best/last
 checkpoints. Distributed-ready: with ``world_size > 1`` (process group already initialised by the
 strategy) the model is wrapped in DDP, each rank reads its shard of every epoch, BN statistics
 are averaged before evaluation, and only rank 0 evaluates and writes files.
@@ -24,11 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from accelcore.build import build_data, build_model
 from accelcore.errors import BackendUnavailable, PluginError, RecipeError
 from accelcore.interfaces import Precision, TrainJob
-from accelcore.pipeline import build_data, build_model
 from accelcore.plugins import PluginManager, get_plugin_manager
-from accelcore.runtime import configure_threads, loaded_allocator, tune_allocator
+from accelcore.runtime import RuntimeSetup, describe_runtime
+from accelcore.training.auto_precision import resolve_precision
 from accelcore.training.checkpoint import (
     atomic_save,
     clean_stale_temps,
@@ -43,7 +45,6 @@ from accelcore.training.records import Meter, RunRecords
 
 log = logging.getLogger(__name__)
 
-LOSS_KEYS = ("total_loss", "iou_loss", "l1_loss", "conf_loss", "cls_loss", "num_fg")
 CHECKPOINT_VERSION = 1
 IPEX_HINT = ("use train.compile: true with train.precision: bf16 instead (fused kernels "
              "through torch.compile/inductor)")
@@ -164,26 +165,23 @@ def evaluate_model(model: nn.Module, val_set: Any, recipe: Any, precision: Preci
 
     was_training = model.training
     model.eval()
-    mode = getattr(model, "output_mode", None)
+    mode = model.output_mode
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         return model(precision.convert_input(images).contiguous(memory_format=fmt))
 
     try:
-        if mode is not None:
-            model.output_mode = "raw"  # decode runs in fp32 inside the Predictor
-        predictor = Predictor(forward, model, raw=mode is not None,
-                              conf_thre=recipe.validate.conf_thre,
+        model.output_mode = "raw"  # decode runs in fp32 inside the Predictor
+        predictor = Predictor(forward, model, raw=True, conf_thre=recipe.validate.conf_thre,
                               nms_thre=recipe.validate.nms_thre)
-        input_size = tuple(unwrap(model).meta["input_size"])
+        input_size = tuple(unwrap(model).input_size)
         metrics = evaluate_predictor(predictor, val_set, input_size=input_size,
                                      batch_size=recipe.validate.batch_size,
                                      max_images=recipe.validate.max_images,
                                      progress=progress)
     finally:
-        if mode is not None:
-            model.output_mode = mode
+        model.output_mode = mode
         model.train(was_training)
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
@@ -209,13 +207,17 @@ class Trainer:
                  write: bool = True) -> None:
         self.job = job
         self.recipe = job.recipe
-        self.cfg = job.recipe.train
+        # `train.precision: auto` becomes a concrete precision + layout for this CPU, once.
+        self.precision_choice = resolve_precision(job.recipe.train.precision,
+                                                  job.recipe.train.channels_last)
+        self.cfg = dataclasses.replace(job.recipe.train,
+                                       precision=self.precision_choice.precision,
+                                       channels_last=self.precision_choice.channels_last)
         self.rank, self.world_size = rank, world_size
         self.main = rank == 0
         self.write = write and self.main
         self.run_dir = Path(job.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.records = RunRecords(self.run_dir, enabled=self.write)
         self.state = TrainState()
         self.meter = Meter()
 
@@ -231,13 +233,15 @@ class Trainer:
         self.wrap_model()
 
     def setup_runtime(self) -> None:
-        cfg = self.cfg
-        if cfg.malloc_tuning:
-            tune_allocator()
-        if self.world_size == 1:
-            # With several ranks the strategy already pinned cores and set threads per rank.
-            configure_threads(cfg.threads)
+        setup = RuntimeSetup.from_recipe(self.recipe)
+        if self.world_size > 1:
+            # With several ranks the launcher already pinned cores and sized threads per rank.
+            setup = dataclasses.replace(setup, threads=None)
+        setup.apply()
         self.pm = get_plugin_manager(self.recipe.plugins)
+        if self.main and self.precision_choice.reason.startswith("auto"):
+            print(f"accelcore: train.precision {self.precision_choice.precision}, channels_last "
+                  f"{self.cfg.channels_last} ({self.precision_choice.reason})", file=sys.stderr)
 
     def setup_data(self, loader: Any = None) -> None:
         """Datasets and the training loader (``loader`` given: reuse it, e.g. in benchmarks)."""
@@ -264,6 +268,9 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed)  # same initial weights on every rank and in every config
         model = build_model(self.pm, self.recipe)
+        # The loss parts this model reports: logged per iteration and as epochs.csv columns.
+        self.loss_keys = tuple(model.loss_keys)
+        self.records = RunRecords(self.run_dir, self.loss_keys, enabled=self.write)
         self.precision = get_precision(self.pm, cfg.precision)
         model = self.precision.convert_module(model)
         if cfg.channels_last:
@@ -374,7 +381,7 @@ class Trainer:
         no_aug = epoch >= self.cfg.epochs - self.cfg.no_aug_epochs
         if no_aug:
             self.loader.close_mosaic()
-            unwrap(self.model).head.use_l1 = True
+            unwrap(self.model).start_no_augmentation()
         return no_aug
 
     def train_one_iter(self, images: torch.Tensor, targets: torch.Tensor,
@@ -396,7 +403,7 @@ class Trainer:
         self.precision.optimizer_step(self.optimizer)
         if self.ema is not None:
             self.ema.update(self.model)
-        out = {k: float(v.detach()) for k, v in losses.items() if k in LOSS_KEYS}
+        out = {k: float(v.detach()) for k, v in losses.items() if k in self.loss_keys}
         out["size"] = int(size[0])
         return out
 
@@ -449,11 +456,10 @@ class Trainer:
                     bar.update(1)
                     if (i + 1) % max(1, cfg.print_interval) == 0 or i == first:
                         eta = (self.stop_at - st.iteration) * st.train_seconds / st.iteration
-                        bar.set_postfix_str(
-                            f"loss {values['total_loss']:.2f} iou {values['iou_loss']:.2f} "
-                            f"obj {values['conf_loss']:.2f} cls {values['cls_loss']:.2f} "
-                            f"l1 {values['l1_loss']:.2f} lr {lr:.2e} {ips:.1f} img/s "
-                            f"size {size} ETA {_hms(eta)}", refresh=False)
+                        parts = " ".join(f"{_short(k)} {values[k]:.2f}"
+                                         for k in self.loss_keys if k in values)
+                        bar.set_postfix_str(f"{parts} lr {lr:.2e} {ips:.1f} img/s size {size} "
+                                            f"ETA {_hms(eta)}", refresh=False)
                 interval = cfg.checkpoint_interval
                 if interval and st.iteration % interval == 0 and i + 1 < self.iters_per_epoch:
                     self.save_last()
@@ -533,9 +539,10 @@ class Trainer:
             "img_per_s": st.images_seen / st.train_seconds if st.train_seconds > 0 else 0.0,
             "wall_s": wall_s,
             "precision": self.cfg.precision,
+            "precision_reason": self.precision_choice.reason,
             "channels_last": self.cfg.channels_last,
             "compile": self.cfg.compile,
-            "allocator": loaded_allocator(),
+            "runtime": describe_runtime(),
             "batch_size": self.cfg.batch_size,
             "world_size": self.world_size,
         }
@@ -553,13 +560,13 @@ class Trainer:
 def _input_size(pm: PluginManager, recipe: Any) -> tuple[int, int]:
     if recipe.model.input_size is not None:
         return int(recipe.model.input_size[0]), int(recipe.model.input_size[1])
-    # The model's default size (416 for nano/tiny, 640 otherwise) lives in its meta.
+    # The model's own default size (the model plugin decides it).
     model = build_model(pm, recipe)
-    return tuple(int(v) for v in model.meta["input_size"])
+    return int(model.input_size[0]), int(model.input_size[1])
 
 
 def _plain_meta(model: nn.Module) -> dict[str, Any]:
-    meta = getattr(model, "meta", {}) or {}
+    meta = model.meta
     out: dict[str, Any] = {}
     for k, v in meta.items():
         if isinstance(v, tuple):
@@ -583,6 +590,11 @@ def _bar(show: bool, epoch: int, epochs: int, first: int, total: int) -> Any:
 
     return tqdm(total=total, initial=first, desc=f"epoch {epoch + 1}/{epochs}", unit="it",
                 leave=True, dynamic_ncols=True, file=sys.stderr)
+
+
+def _short(loss_key: str) -> str:
+    """Progress-bar label of a loss part: "total_loss" -> "loss", "iou_loss" -> "iou"."""
+    return "loss" if loss_key == "total_loss" else loss_key.removesuffix("_loss")
 
 
 def _hms(seconds: float) -> str:

@@ -1,7 +1,8 @@
 """Run records: ``metrics.jsonl`` (one line per iteration), ``epochs.csv``, the summary.
 
 Only rank 0 writes. On resume the files are cut back to the checkpoint's position so lines
-written after the last checkpoint (by the killed run) are not duplicated.
+written after the last checkpoint (by the killed run) are not duplicated. The loss columns are
+the model's own (``Detector.loss_keys``); the others are the loop's.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-EPOCH_FIELDS = ("epoch", "iterations", "lr", "total_loss", "iou_loss", "l1_loss", "conf_loss",
-                "cls_loss", "num_fg", "img_per_s", "train_s", "ap50_95", "ap50", "no_aug")
+
+def epoch_fields(loss_keys: Sequence[str]) -> tuple[str, ...]:
+    """Columns of ``epochs.csv``: position, the model's loss parts, speed and accuracy."""
+    return ("epoch", "iterations", "lr", *loss_keys, "img_per_s", "train_s", "ap50_95", "ap50",
+            "no_aug")
 
 
 def _clean(value: Any) -> Any:
@@ -24,8 +29,10 @@ def _clean(value: Any) -> Any:
 
 
 class RunRecords:
-    def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, loss_keys: Sequence[str] = ("total_loss",),
+                 enabled: bool = True) -> None:
         self.enabled = enabled
+        self.fields = epoch_fields(loss_keys)
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self.epochs_path = Path(run_dir) / "epochs.csv"
         self._metrics = None
@@ -52,7 +59,7 @@ class RunRecords:
 
     def _write_epochs(self, rows: list[dict]) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=EPOCH_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(buf, fieldnames=self.fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         self.epochs_path.write_text(buf.getvalue())
@@ -74,10 +81,10 @@ class RunRecords:
         self.flush()
         new = not self.epochs_path.is_file()
         with open(self.epochs_path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=EPOCH_FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow({k: _fmt(row.get(k)) for k in EPOCH_FIELDS})
+            writer.writerow({k: _fmt(row.get(k)) for k in self.fields})
 
     def write_summary(self, summary: dict[str, Any], path: str | Path) -> None:
         if not self.enabled:

@@ -1,7 +1,10 @@
 """Data plugin: COCO-format folders and the built-in synthetic shapes set.
 
-``accelcore_build_data`` returns the plain :class:`~accelcore.data.coco.COCODataset` for a
-split; augmentation wrapping is the training engine's job.
+This plugin owns the recipe's ``data`` section and decides from it which source to read:
+``data.root`` set → that COCO-format folder; unset → the synthetic set (``data.synthetic``),
+generated once into its cache. ``accelcore_build_data`` returns the plain
+:class:`~accelcore.data.coco.COCODataset` for a split; augmentation wrapping is the training
+engine's job.
 """
 
 from __future__ import annotations
@@ -64,13 +67,10 @@ def accelcore_build_data(config: Any, split: str, run_dir: Path) -> Any:
     from accelcore.data.coco import COCODataset
     from accelcore.errors import DataError
 
-    source = _opt(config, "source", None)
-    if source is not None and source not in ("coco", "synthetic"):
-        return None  # another data plugin's source
     if split not in _SPLITS:
         raise DataError(f"unknown data split '{split}' (expected one of {', '.join(_SPLITS)})")
     root = _opt(config, "root", None)
-    if source == "synthetic" or root is None:
+    if root is None:
         root = synthetic_folder(config)
         image_dir, json_file = f"{split}2017", f"instances_{split}2017.json"
     else:

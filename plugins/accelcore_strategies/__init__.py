@@ -1,31 +1,29 @@
-"""Built-in training strategies. This package ships "single" (one process); others register
-their own names through the same ``accelcore_train`` hook and all call the core loop
-``accelcore.training.loop.fit`` with their rank and world size."""
+"""Built-in training strategies, each a ``Launcher`` (``launchers/``): "single" (this process),
+"subprocess" and "spawn" (local processes, DDP over loopback) and "ray" (Ray Train workers,
+locally or on a cluster). The core hands ``accelcore_launch`` the function every rank runs;
+this plugin looks the strategy up in ``LAUNCHERS`` and lets that launcher run it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from accelcore import hookimpl
-from accelcore.interfaces import Declaration, TrainJob
+from accelcore.interfaces import Declaration
+from accelcore_strategies.launchers import LAUNCHERS
 
 __version__ = "0.1.0"
 
 
 @hookimpl
 def accelcore_declare() -> list[Declaration]:
-    return [Declaration("strategy", "single", "one process, all cores (torch intra-op threads)")]
+    return [launcher_cls.declaration() for launcher_cls in LAUNCHERS.values()]
 
 
 @hookimpl
-def accelcore_train(strategy: str, job: TrainJob) -> dict | None:
-    if strategy != "single":
+def accelcore_launch(strategy: str, fn: Callable[[int, int], Any], nprocs: int,
+                     recipe: Any) -> Any:
+    launcher_cls = LAUNCHERS.get(strategy)
+    if launcher_cls is None:
         return None
-    from accelcore_strategies.single import run_single
-
-    return run_single(job)
-
-
-# Multi-process strategies, one module each; their hookimpls carry ``specname``, so importing
-# them here adds them to this plugin (cheap: nothing heavy is imported until a run).
-from accelcore_strategies.ray import declare_ray, train_ray  # noqa: E402,F401
-from accelcore_strategies.spawn import declare_spawn, train_spawn  # noqa: E402,F401
-from accelcore_strategies.subprocess import declare_subprocess, train_subprocess  # noqa: E402,F401
+    return launcher_cls.from_recipe(nprocs, recipe).launch(fn)

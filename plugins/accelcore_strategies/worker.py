@@ -1,7 +1,7 @@
 """Entry point of one worker process of the ``subprocess`` strategy.
 
 ``python -m accelcore_strategies.worker COMM_DIR RANK``: reads the pickled
-:class:`~accelcore_strategies.ddp.WorkerSpec` the launcher wrote into ``COMM_DIR`` and runs it
+:class:`~accelcore_strategies.rank.WorkerSpec` the launcher wrote into ``COMM_DIR`` and runs it
 as ``RANK``. Exit code 0 on success, 1 on an exception (recorded in ``COMM_DIR`` for the launcher,
 full traceback on stderr).
 """
@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from accelcore_strategies.ddp import SPEC_FILE, run_rank
+from accelcore_strategies.rank import SPEC_FILE, run_rank
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,10 @@
 """accelcore plugin: the YOLOX detector family (nano … x, plus custom depth/width).
 
-Importing this package registers the models with :func:`accelcore.registry.register_model`; the
-hook implementations below let the core discover and build them by name. Plain functions:
-``accelcore_yolox.postprocess.postprocess`` (NMS), ``decode_outputs``, ``yolox_loss``,
-``load_checkpoint``.
+The hooks below are the only way the core finds these models: ``accelcore_declare`` names them,
+``accelcore_build_model`` builds them (a :class:`YOLOX` implements
+:class:`accelcore.interfaces.Detector`), ``accelcore_checkpoint_info`` tells what an official or
+accelcore ``.pth`` was made for. Plain functions: ``accelcore_yolox.postprocess.postprocess``
+(NMS), ``decode_outputs``, ``yolox_loss``, ``load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pluggy
 from accelcore.errors import RecipeError
 from accelcore.interfaces import Declaration
 
-from .checkpoint import load_checkpoint
+from .checkpoint import checkpoint_num_classes, extract_state_dict, load_checkpoint
 from .loss import yolox_loss
 from .models import YOLOX
 from .postprocess import decode_outputs
@@ -97,3 +98,23 @@ def accelcore_build_model(config: Any) -> YOLOX | None:
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, finetune=bool(getattr(config, "finetune", False)))
     return model
+
+
+@hookimpl
+def accelcore_checkpoint_info(checkpoint: Any) -> dict | None:
+    """Name/class count/input size of a YOLOX checkpoint (accelcore's, official or a bare
+    state_dict); ``None`` for checkpoints of other models."""
+    meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get("name") is not None and meta["name"] not in MODEL_NAMES:
+        return None  # another model plugin's checkpoint
+    try:
+        state, _ = extract_state_dict(checkpoint)
+    except ValueError:
+        return None
+    num_classes = checkpoint_num_classes(state)
+    if num_classes is None:
+        return None  # no YOLOX class-prediction layer: not a YOLOX checkpoint
+    info = {k: meta[k] for k in ("name", "input_size") if meta.get(k) is not None}
+    info["num_classes"] = num_classes
+    return info

@@ -1,4 +1,5 @@
-"""Registered YOLOX sizes (official model zoo) and a custom depth/width variant."""
+"""YOLOX sizes (official model zoo) and a custom depth/width variant, built by name through
+the plugin's ``accelcore_build_model`` hook."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from accelcore.errors import RecipeError
-from accelcore.registry import register_model
 
 from .models import YOLOPAFPN, YOLOX, YOLOXHead
 
@@ -81,57 +81,3 @@ def build_yolox(
     }
     return YOLOX(backbone, head, meta=meta)
 
-
-def _sized(name: str, num_classes: int, input_size: Sequence[int] | None) -> YOLOX:
-    s = SPECS[name]
-    return build_yolox(name, s.depth, s.width, s.depthwise, num_classes, input_size or s.input_size)
-
-
-@register_model
-def yolox_nano(num_classes: int = 80, input_size: Sequence[int] | None = None) -> YOLOX:
-    return _sized("yolox_nano", num_classes, input_size)
-
-
-@register_model
-def yolox_tiny(num_classes: int = 80, input_size: Sequence[int] | None = None) -> YOLOX:
-    return _sized("yolox_tiny", num_classes, input_size)
-
-
-@register_model
-def yolox_s(num_classes: int = 80, input_size: Sequence[int] | None = None) -> YOLOX:
-    return _sized("yolox_s", num_classes, input_size)
-
-
-@register_model
-def yolox_m(num_classes: int = 80, input_size: Sequence[int] | None = None) -> YOLOX:
-    return _sized("yolox_m", num_classes, input_size)
-
-
-@register_model
-def yolox_l(num_classes: int = 80, input_size: Sequence[int] | None = None) -> YOLOX:
-    return _sized("yolox_l", num_classes, input_size)
-
-
-@register_model
-def yolox_x(num_classes: int = 80, input_size: Sequence[int] | None = None) -> YOLOX:
-    return _sized("yolox_x", num_classes, input_size)
-
-
-@register_model
-def yolox_custom(
-    depth: float = 1.0,
-    width: float = 1.0,
-    depthwise: bool = False,
-    num_classes: int = 80,
-    input_size: Sequence[int] | None = None,
-    act: str = "silu",
-) -> YOLOX:
-    return build_yolox(
-        CUSTOM_NAME,
-        float(depth),
-        float(width),
-        bool(depthwise),
-        num_classes,
-        input_size or (640, 640),
-        act,
-    )

@@ -17,15 +17,19 @@ OUTPUT_MODES = ("decoded", "raw")
 
 
 class YOLOX(nn.Module):
-    """YOLOX detector.
+    """YOLOX detector; implements :class:`accelcore.interfaces.Detector`.
 
-    * train: ``model(images, targets)`` -> loss dict (``total_loss``, ``iou_loss``, ``l1_loss``,
-      ``conf_loss``, ``cls_loss``, ``num_fg``), computed in fp32 even under autocast.
+    * train: ``model(images, targets)`` -> loss dict (``loss_keys``: ``total_loss``,
+      ``iou_loss``, ``l1_loss``, ``conf_loss``, ``cls_loss``, ``num_fg``), computed in fp32 even
+      under autocast; the L1 part is 0 until ``start_no_augmentation()`` (official behaviour).
     * eval, ``output_mode == "decoded"`` (default): official decoded output [B, N, 5 + C].
     * eval, ``output_mode == "raw"``: undecoded logits [B, N, 5 + C]; the graph is plain
       convs + reshapes, so it traces / exports / quantizes cleanly. ``decode(raw, input_hw)``
       turns it into exactly the decoded output.
     """
+
+    loss_keys: tuple[str, ...] = ("total_loss", "iou_loss", "l1_loss", "conf_loss", "cls_loss",
+                                  "num_fg")
 
     def __init__(
         self,
@@ -46,6 +50,16 @@ class YOLOX(nn.Module):
     @property
     def strides(self) -> tuple[int, ...]:
         return self.head.strides
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Default (H, W): the size the model was built for (zoo default or the recipe's)."""
+        height, width = self.meta.get("input_size", (640, 640))
+        return int(height), int(width)
+
+    def start_no_augmentation(self) -> None:
+        """The last no-augmentation epochs add the L1 loss on raw box regression (official)."""
+        self.head.use_l1 = True
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
         raw = self.head(self.backbone(x))

@@ -1,0 +1,104 @@
+"""One runtime setup for every process: what a child process actually runs under."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from accelcore import runtime
+from accelcore.runtime import RuntimeSetup
+
+
+def _report(path: str) -> None:
+    """Child body: apply what the parent asked for, then say what is really in force."""
+    runtime.apply_inherited_setup()
+    Path(path).write_text(json.dumps(runtime.describe_runtime()))
+
+
+def _child_runtime(tmp_path: Path, setup: RuntimeSetup) -> dict:
+    out = tmp_path / "child.json"
+    proc = multiprocessing.get_context("spawn").Process(target=_report, args=(str(out),))
+    with setup.exported():
+        proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0
+    return json.loads(out.read_text())
+
+
+def test_env_of_the_default_setup_tunes_glibc_and_sizes_threads():
+    env = RuntimeSetup(threads=3).env()
+    assert env["MALLOC_MMAP_MAX_"] == "0" and int(env["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 30
+    assert env["OMP_NUM_THREADS"] == "3"
+    assert json.loads(env[runtime.RUNTIME_ENV]) == {"allocator": "default", "malloc_tuning": True,
+                                                    "threads": 3}
+
+
+def test_stock_setup_sets_nothing_and_strips_inherited_tuning(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    stock = RuntimeSetup.stock()
+    assert not any(k.startswith("MALLOC_") for k in stock.env())
+    with stock.exported():
+        assert "MALLOC_MMAP_MAX_" not in os.environ
+    assert os.environ["MALLOC_MMAP_MAX_"] == "0"  # restored afterwards
+
+
+def test_exported_restores_the_environment(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with RuntimeSetup(threads=1).exported():
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in os.environ and runtime.RUNTIME_ENV not in os.environ
+
+
+def test_from_recipe_reads_the_recipe_and_lets_inference_choose_threads():
+    from accelcore.config import load_recipe
+
+    recipe = load_recipe(data={"train": {"threads": 2, "malloc_tuning": False}})
+    assert RuntimeSetup.from_recipe(recipe) == RuntimeSetup("default", False, 2)
+    assert RuntimeSetup.from_recipe(recipe, threads=1).threads == 1
+
+
+def test_a_tuned_child_reports_the_tuning_and_its_threads(tmp_path):
+    info = _child_runtime(tmp_path, RuntimeSetup(threads=1))
+    assert info["allocator"] == "glibc (tuned)"
+    assert info["threads"] == 1
+    assert info["env"]["MALLOC_MMAP_MAX_"] == "0"
+    assert info["openmp"] != "unknown"
+
+
+def test_a_stock_child_runs_untuned_even_under_a_tuned_parent(tmp_path, monkeypatch):
+    for key, value in runtime.GLIBC_TUNING_ENV.items():
+        monkeypatch.setenv(key, value)
+    info = _child_runtime(tmp_path, RuntimeSetup.stock())
+    assert info["allocator"] == "glibc (stock)"
+    assert "MALLOC_MMAP_MAX_" not in info["env"]
+
+
+@pytest.mark.slow
+def test_accelerate_method_processes_run_under_the_recipe_setup(fresh_plugins, tmp_path):
+    """Every row of an isolated accelerate stage records the setup its process really had."""
+    from accelcore import create_model
+    from accelcore.config import load_recipe
+    from accelcore.data.coco import COCODataset
+    from accelcore.data.synthetic import ensure_synthetic
+    from accelcore.inference.accelerate import run_accelerate
+    from accelcore.plugins import get_plugin_manager
+
+    root = ensure_synthetic(tmp_path / "syn", images=2, val_images=2, size=96, seed=0,
+                            num_classes=3)
+    val = COCODataset(root, "val2017", "instances_val2017.json")
+    recipe = load_recipe(data={
+        "model": {"num_classes": 3, "input_size": [64, 64]},
+        "accelerate": {"methods": ["original"], "batch_size": 2, "calibration_images": 2,
+                       "threads": 1, "save": "none",
+                       "latency": {"warmup": 0, "min_runs": 1, "min_seconds": 0.0}}})
+    res = run_accelerate(recipe, create_model("yolox_nano", num_classes=3), tmp_path / "run",
+                         val, val, get_plugin_manager())
+    row = res["methods"][0]
+    assert row["status"] == "ok", row
+    assert row["runtime"]["allocator"] == "glibc (tuned)"
+    assert row["runtime"]["threads"] == 1 and row["runtime"]["env"]["OMP_NUM_THREADS"] == "1"
+    assert res["runtime_setup"] == {"allocator": "default", "malloc_tuning": True, "threads": 1}
