@@ -22,9 +22,28 @@ def _notes(pm: PluginManager) -> str:
     return f"; note: {'; '.join(notes)}" if notes else ""
 
 
+def default_model(pm: PluginManager) -> str:
+    """The model a recipe without ``model.name`` gets: the one a model plugin marks default."""
+    defaults = sorted({p.declaration.name for p in pm.declarations()
+                       if p.declaration.kind == "model" and p.declaration.default})
+    if len(defaults) != 1:
+        why = "no installed model plugin marks a default" if not defaults else (
+            f"several are marked default ({', '.join(defaults)})")
+        raise PluginError(f"model.name: not set and {why}; set it to one of: "
+                          f"{', '.join(pm.names('model')) or 'none installed'}{_notes(pm)}")
+    return defaults[0]
+
+
+def model_name(pm: PluginManager, config: Any) -> str:
+    """``config.name``, or the default model when the recipe names none."""
+    return config.name if config.name is not None else default_model(pm)
+
+
 def build_detector(pm: PluginManager, config: Any) -> Detector:
     """The model described by ``config`` (a ``ModelConfig``), built by the plugin that owns
     ``config.name`` through ``accelcore_build_model``, checked against ``Detector``."""
+    if config.name is None:
+        config = dataclasses.replace(config, name=default_model(pm))
     pm.require("model", config.name, "model.name")
     model = pm.hook.accelcore_build_model(config=config)
     if model is None:

@@ -25,14 +25,14 @@ STAGES = ("train", "accelerate", "validate", "report")
 
 @dataclass
 class ModelConfig:
-    name: str = "yolox_nano"
+    # None: the model the installed model plugins mark as their default.
+    name: str | None = None
     num_classes: int = 80
     checkpoint: str | None = None
     # Start a fine-tune from a checkpoint with another class count: drop its class-pred tensors.
     finetune: bool = False
-    depth: float | None = None
-    width: float | None = None
-    depthwise: bool | None = None
+    # Plugin-owned model options, read by the model's plugin only (e.g. depth/width).
+    options: dict = field(default_factory=dict)
     # [H, W]; None = the model's default (416 for nano/tiny, 640 otherwise).
     input_size: list[int] | None = None
 
@@ -98,7 +98,7 @@ class TrainConfig:
     warmup_lr: float = 0.0
     basic_lr_per_img: float = 0.01 / 64.0
     min_lr_ratio: float = 0.05
-    scheduler: Literal["yoloxwarmcos", "warmcos", "constant"] = "yoloxwarmcos"
+    scheduler: Literal["quadwarm_cos_flat", "warmcos", "constant"] = "quadwarm_cos_flat"
     no_aug_epochs: int = 15
     momentum: float = 0.9
     nesterov: bool = True
@@ -153,6 +153,9 @@ class AccelerateConfig:
     isolate: bool = True
     # Per-method backend options, e.g. {openvino_int8: {async: true, streams: 2}}.
     options: dict[str, dict] = field(default_factory=dict)
+    # Plain-runtime rows measured beside the methods in the same run ("auto": every declared
+    # reference that can run here; [] for none). The report's `lead` compares against them.
+    references: list[str] = field(default_factory=lambda: ["auto"])
 
 
 @dataclass
@@ -362,6 +365,8 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
 
 #: Keys that were renamed or moved into a plugin's options: key path -> what to write instead.
 MOVED_KEYS = {
+    **{f"model.{key}": f"model.options: {{{key}: ...}} (read by the model's plugin)"
+       for key in ("depth", "width", "depthwise")},
     "train.use_ipex": "train.features: [ipex] (training-time features are plugin-declared)",
     "ray": "train.options: {ray: {address: ..., cpus_per_worker: ...}} (options belong to the "
            "ray strategy plugin)",

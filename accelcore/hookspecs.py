@@ -71,7 +71,9 @@ def accelcore_launch(strategy: str, fn: Callable[[int, int], Any], nprocs: int,
     core pinning, the runtime setup of each worker, failure handling); ``fn`` is what each rank
     runs — the core training loop, a benchmark step, … — and never knows which strategy ran it.
     ``recipe`` carries the strategy's own options (``recipe.train.options[strategy]``). Return
-    rank 0's return value; return ``None`` for strategies this plugin does not own.
+    rank 0's return value unchanged (it is opaque: the core wraps it, so that a function
+    returning ``None`` still counts as run); return ``None`` for strategies this plugin does not
+    own.
     """
 
 

@@ -25,6 +25,11 @@ class Declaration:
     # Backends and references: the precision the method computes in ("fp32", "bf16", "fp16",
     # "int8"); ``accelerate.methods: auto`` and ``doctor`` skip methods emulated on this CPU.
     compute: str = ""
+    # References: measured under the stock runtime (no allocator tuning, default threads) —
+    # what a user has before installing accelcore — instead of the project's tuned setup.
+    stock_runtime: bool = False
+    # Models: the one a recipe without ``model.name`` builds (at most one per installation).
+    default: bool = False
     #: Distributions whose versions shape what this provides (recorded in run manifests).
     packages: tuple[str, ...] = ()
 
@@ -146,8 +151,9 @@ class AccelerateRequest:
 class AcceleratedModel:
     """An accelerated callable with the raw-output contract of the eval model.
 
-    ``forward(images)`` takes float32 NCHW BGR 0-255 images and returns the raw head output
-    ``[B, N, 5 + C]`` as a float32 torch tensor. ``save(folder)`` writes the artifact payload
+    ``forward(images)`` takes float32 NCHW BGR 0-255 images and returns the model's raw output
+    (:class:`Detector` in ``output_mode "raw"``, ``[B, N, K]``; YOLOX: ``[B, N, 5 + C]``) as a
+    float32 torch tensor. ``save(folder)`` writes the artifact payload
     (the core writes the manifest beside it); ``None`` if the method cannot be saved.
     """
 

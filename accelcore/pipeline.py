@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from accelcore.build import build_data, build_model
+from accelcore.build import build_data, build_model, model_name
 from accelcore.config import STAGES, Recipe, to_dict
 from accelcore.errors import PluginError, RecipeError
 from accelcore.interfaces import TrainJob
@@ -61,7 +61,7 @@ def check_names(recipe: Recipe, pm: PluginManager) -> None:
     """Fail early, with the recipe key, for names no loaded plugin provides."""
     # Data sources are not named here: the data plugin that recognises the recipe's data
     # section builds it (accelcore.build.build_data), and says so when none does.
-    pm.require("model", recipe.model.name, "model.name")
+    pm.require("model", model_name(pm, recipe.model), "model.name")
     if "train" in recipe.stages:
         pm.require("strategy", recipe.train.strategy, "train.strategy")
         if recipe.train.precision != "auto":  # auto picks a declared one per CPU

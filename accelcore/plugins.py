@@ -21,12 +21,11 @@ from types import ModuleType
 import pluggy
 
 from accelcore import hookspecs
-from accelcore.errors import PluginError
+from accelcore.errors import PluginError, one_line
 from accelcore.interfaces import Declaration
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "accelcore"
-hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)  # same marker as accelcore.hookimpl
 
 
 @dataclass
@@ -112,7 +111,7 @@ class PluginManager(pluggy.PluginManager):
             try:
                 module = ep.load()
             except Exception as exc:  # a broken plugin is reported, not fatal
-                record.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                record.error = one_line(exc)
                 log.warning("plugin %s (%s) failed to load: %s", ep.name, ep.value, record.error)
                 continue
             self._register_module(module, ep.name, record)
@@ -126,19 +125,22 @@ class PluginManager(pluggy.PluginManager):
         try:
             module = importlib.import_module(path)
         except Exception as exc:
-            record.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            record.error = one_line(exc)
             raise PluginError(f"--plugin {path}: cannot import: {record.error}") from None
         dist_version = getattr(module, "__version__", "")
         record.version = str(dist_version)
         self._register_module(module, path, record)
 
-    def _register_module(self, module: ModuleType, name: str, record: PluginRecord) -> None:
+    def _register_module(self, module: ModuleType | object, name: str,
+                         record: PluginRecord) -> None:
+        # An entry point names a module of hook functions or one plugin object
+        # (``package:plugin``, e.g. an ``accelcore.backend.Backend``); pluggy takes both.
         if self.is_registered(module):
             return
         try:
             self.register(module, name=name)
         except Exception as exc:  # e.g. a hookimpl with an unknown hook name
-            record.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            record.error = one_line(exc)
             log.warning("plugin %s failed to register: %s", name, record.error)
         self._declared = None
 
@@ -152,7 +154,7 @@ class PluginManager(pluggy.PluginManager):
                 try:
                     decls = impl.function() or []
                 except Exception as exc:
-                    record.error = f"declare failed: {type(exc).__name__}: {exc}"
+                    record.error = f"declare failed: {one_line(exc)}"
                     continue
                 provided.extend(Provided(record, d) for d in decls)
             self._declared = provided

@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import sysconfig
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,49 +80,6 @@ def tune_allocator(top_pad: int = 256 << 20, trim_threshold: int = 1 << 30) -> b
     if not ok:
         log.warning("mallopt rejected the allocator settings; allocator left as is")
     return ok
-
-
-class _SignalStack(ctypes.Structure):
-    # glibc stack_t
-    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int),
-                ("ss_size", ctypes.c_size_t)]
-
-
-#: Alternate signal stacks we installed, one per thread id; kept alive for the process's life.
-_SIGNAL_STACKS: dict[int, ctypes.Array] = {}
-
-
-def ensure_signal_stack(size: int = 256 << 10) -> bool:
-    """Make the calling thread's alternate signal stack one we own (``size`` bytes).
-
-    OpenVINO's CPU plugin installs an ~11 KiB alternate signal stack on the thread that compiles
-    a model and, when compiled models are released out of creation order, puts back a stack it
-    has already freed. CPython registers its handlers with SA_ONSTACK, so the next signal on
-    that thread (SIGCHLD from a DataLoader worker) runs on unmapped memory and the process dies
-    with SIGSEGV. Call this after creating or releasing OpenVINO objects. Returns True if the
-    stack in place is ours.
-    """
-    sigaltstack = _libc_function("sigaltstack")
-    if sigaltstack is None:
-        return False
-    current = _SignalStack()
-    if sigaltstack(None, ctypes.byref(current)) != 0:
-        return False
-    ss_onstack = 1
-    if current.ss_flags & ss_onstack:  # running on it right now: cannot change it
-        return False
-    buffer = _SIGNAL_STACKS.get(threading.get_ident())
-    if buffer is None or len(buffer) < size:
-        buffer = ctypes.create_string_buffer(int(size))
-    address = ctypes.addressof(buffer)
-    if current.ss_sp == address and current.ss_size == len(buffer):
-        return True
-    fresh = _SignalStack(address, 0, len(buffer))
-    if sigaltstack(ctypes.byref(fresh), None) != 0:
-        log.debug("sigaltstack failed: errno %d", ctypes.get_errno())
-        return False
-    _SIGNAL_STACKS[threading.get_ident()] = buffer
-    return True
 
 
 # ---------------------------------------------------------------- allocator replacements

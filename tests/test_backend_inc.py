@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_inference_support import accelerate, corr, images, raw_model, rel_err, reload, request
+from inference_helpers import accelerate, corr, images, raw_model, rel_err, reload, request
 
 pytest.importorskip("neural_compressor.torch")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_inference_support import (
+from inference_helpers import (
     accelerate,
     corr,
     images,
@@ -72,12 +72,8 @@ def _conv_inputs_dequantized(module: torch.nn.Module) -> dict[str, bool]:
 
 def test_output_convs_stay_float_and_the_rest_is_int8():
     from accelcore.inference.calibration import calibration_from_tensor
-    from accelcore.inference.pt2e import (
-        example_input,
-        export_raw,
-        output_tail_modules,
-        quantize_pt2e,
-    )
+    from accelcore.inference.export import example_input
+    from accelcore.inference.pt2e import export_raw, output_tail_modules, quantize_pt2e
 
     model = raw_model(prefer_yolox=False)
     assert output_tail_modules(export_raw(model, example_input((32, 32)))) == ["cls", "obj", "reg"]
@@ -97,7 +93,8 @@ def test_output_convs_stay_float_and_the_rest_is_int8():
 
 @pytest.mark.slow
 def test_yolox_output_tail_is_the_nine_predictor_convs():
-    from accelcore.inference.pt2e import example_input, export_raw, output_tail_modules
+    from accelcore.inference.export import example_input
+    from accelcore.inference.pt2e import export_raw, output_tail_modules
 
     names = output_tail_modules(export_raw(raw_model(), example_input((64, 64))))
     assert names == sorted(f"head.{kind}_preds.{k}" for kind in ("cls", "obj", "reg")

@@ -1,4 +1,4 @@
-"""IPEX backend and ``train.use_ipex``.
+"""IPEX backend and the ``ipex`` training feature (``train.features: [ipex]``).
 
 Unmarked tests run everywhere and check the honest-unavailable path of the main environment
 (torch 2.13, where IPEX must never be imported). Tests marked ``ipex`` need the IPEX environment
@@ -13,12 +13,13 @@ import sys
 import accelcore_ipex
 import pytest
 import torch
-from test_inference_support import accelerate, images, raw_model, rel_err, reload, request
+from inference_helpers import accelerate, images, raw_model, rel_err, reload, request
 
 from accelcore.config import TrainConfig
-from accelcore.errors import BackendUnavailable
+from accelcore.errors import BackendUnavailable, PluginError, RecipeError
 
 REASON = accelcore_ipex.ipex_status()
+PLUGIN = accelcore_ipex.plugin
 ipex_only = pytest.mark.skipif(bool(REASON), reason=f"IPEX cannot run here: {REASON}")
 main_env_only = pytest.mark.skipif(not REASON, reason="IPEX is usable in this environment")
 METHODS = ["fp32_ipex", "bf16_ipex", "jit_fp32_ipex", "jit_fp32_ipex_channels_last"]
@@ -29,8 +30,9 @@ BF16_TOL = 5e-2
 # -- main environment: declared unavailable with the precise reason, never imported
 @main_env_only
 def test_declared_unavailable_with_reason():
-    decls = {d.name: d for d in accelcore_ipex.accelcore_declare()}
-    assert set(decls) == {*METHODS, "use_ipex"}
+    decls = {d.name: d for d in PLUGIN.accelcore_declare()}
+    assert set(decls) == {*METHODS, "ipex"}
+    assert decls.pop("ipex").kind == "feature"  # a training feature, not an inference method
     for decl in decls.values():
         assert decl.kind == "backend" and not decl.available and decl.reason == REASON
     if REASON.startswith("IPEX "):  # installed next to the wrong torch
@@ -62,30 +64,61 @@ def test_reason_names_the_versions(monkeypatch):
 @pytest.mark.parametrize("method", METHODS)
 def test_accelerate_raises_unavailable(method, tmp_path):
     with pytest.raises(BackendUnavailable, match=f"{method}: .*(not installed|needs torch)"):
-        accelcore_ipex.accelcore_accelerate(method, raw_model(), request(tmp_path))
+        PLUGIN.accelcore_accelerate(method, raw_model(), request(tmp_path))
     with pytest.raises(BackendUnavailable):
-        accelcore_ipex.accelcore_load_artifact(method, tmp_path, {})
+        PLUGIN.accelcore_load_artifact(method, tmp_path, {})
     assert "intel_extension_for_pytorch" not in sys.modules
 
 
 @main_env_only
 @pytest.mark.parametrize("precision", ["32", "bf16"])
-def test_use_ipex_training_points_to_stock_pytorch(precision):
+def test_ipex_training_points_to_stock_pytorch(precision):
     model = raw_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    config = TrainConfig(use_ipex=True, precision=precision)
+    config = TrainConfig(features=["ipex"], precision=precision)
     with pytest.raises(BackendUnavailable) as info:
-        accelcore_ipex.accelcore_prepare_training(model, optimizer, config)
+        PLUGIN.accelcore_prepare_training(model, optimizer, config)
     message = str(info.value)
-    assert message.startswith("train.use_ipex: ") and REASON in message
+    assert message.startswith("train.features: ipex: ") and REASON in message
     assert "train.compile: true" in message and "train.precision: bf16" in message
+    assert "\n" not in message
+    feature = {d.name: d for d in PLUGIN.accelcore_declare()}["ipex"]
+    assert not feature.available and REASON in feature.reason
+    assert "train.compile: true" in feature.reason
 
 
-def test_training_hook_ignores_configs_without_use_ipex():
+@pytest.mark.parametrize(("flags", "noted"), [("avx2 fma", True), ("avx512f amx_bf16", False)])
+def test_stock_path_hint_is_honest_about_bf16_hardware(monkeypatch, flags, noted):
+    monkeypatch.setenv("ACCELCORE_CPU_FLAGS", flags)
+    message = accelcore_ipex.unavailable_training("IPEX is missing")
+    assert message.startswith("IPEX is missing; use train.compile: true")
+    assert ("no bf16 hardware" in message) == noted
+
+
+def test_training_hook_ignores_configs_without_the_feature():
     model = raw_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    assert accelcore_ipex.accelcore_prepare_training(model, optimizer, TrainConfig()) is None
-    assert accelcore_ipex.accelcore_accelerate("openvino_fp32", model, None) is None
+    assert PLUGIN.accelcore_prepare_training(model, optimizer, TrainConfig()) is None
+    assert PLUGIN.accelcore_accelerate("openvino_fp32", model, None) is None
+    assert PLUGIN.accelcore_load_artifact("openvino_fp32", "/nowhere", {}) is None
+
+
+def test_ipex_options_are_rejected():
+    model = raw_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = TrainConfig(features=["ipex"], options={"ipex": {"level": "O1"}})
+    with pytest.raises(RecipeError, match=r"train\.options\.ipex: .*takes no options"):
+        PLUGIN.accelcore_prepare_training(model, optimizer, config)
+
+
+def test_use_ipex_is_not_an_inference_method():
+    from accelcore.inference.accelerate import resolve_methods
+    from accelcore.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    assert "use_ipex" not in pm.names("backend") and "ipex" in pm.names("feature")
+    with pytest.raises(PluginError, match=r"accelerate\.methods\[0\]: unknown backend 'use_ipex'"):
+        resolve_methods(["use_ipex"], pm)
 
 
 # -- the IPEX environment: real IPEX
@@ -114,7 +147,7 @@ def test_fp32_methods_close_and_round_trip(method, model, tmp_path):
 @ipex_only
 def test_bf16_runs_or_says_why(model, tmp_path):
     reason = accelcore_ipex.bf16_status()
-    decl = {d.name: d for d in accelcore_ipex.accelcore_declare()}["bf16_ipex"]
+    decl = {d.name: d for d in PLUGIN.accelcore_declare()}["bf16_ipex"]
     assert decl.available == (not reason) and decl.reason == reason
     if reason:  # e.g. AVX2-only CPUs: IPEX refuses bf16 weight prepack
         with pytest.raises(BackendUnavailable, match="bf16_ipex: .*avx512bw"):
@@ -129,7 +162,7 @@ def test_bf16_runs_or_says_why(model, tmp_path):
 
 @pytest.mark.ipex
 @ipex_only
-def test_use_ipex_training_steps():
+def test_ipex_training_steps():
     from accelcore import create_model
 
     torch.manual_seed(0)
@@ -139,8 +172,8 @@ def test_use_ipex_training_steps():
     with torch.no_grad():
         before = model.eval()(probe)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model, optimizer = accelcore_ipex.accelcore_prepare_training(
-        model, optimizer, TrainConfig(use_ipex=True, precision="32"))
+    model, optimizer = PLUGIN.accelcore_prepare_training(
+        model, optimizer, TrainConfig(features=["ipex"], precision="32"))
     assert model.training
     x = images(2, size=(64, 64))
     targets = torch.zeros(2, 4, 5)
@@ -155,7 +188,7 @@ def test_use_ipex_training_steps():
         after = model.eval()(probe)
     assert rel_err(after, before) > 1e-3  # the IPEX optimizer really updated the weights
     if accelcore_ipex.bf16_status():
-        with pytest.raises(BackendUnavailable, match="train.use_ipex: .*avx512bw"):
-            accelcore_ipex.accelcore_prepare_training(
-                model, optimizer, TrainConfig(use_ipex=True, precision="bf16"))
+        with pytest.raises(BackendUnavailable, match="train.features: ipex: .*avx512bw"):
+            PLUGIN.accelcore_prepare_training(
+                model, optimizer, TrainConfig(features=["ipex"], precision="bf16"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_inference_support import accelerate, images, raw_model, rel_err, reload, request
+from inference_helpers import accelerate, images, raw_model, rel_err, reload, request
 
 TOL = {"jit_fp32": 1e-4, "jit_bf16": 5e-2}  # freeze folds BN into convs: not bit-identical
 

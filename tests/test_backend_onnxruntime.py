@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
+from inference_helpers import SIZE, accelerate, images, raw_model, rel_err, reload, request
 from test_backend_openvino import channel_corr, int8_model
-from test_inference_support import SIZE, accelerate, images, raw_model, rel_err, reload, request
 
 from accelcore.errors import BackendUnavailable
 
@@ -113,13 +113,14 @@ def test_missing_onnxruntime_is_reported(monkeypatch, model, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    decls = {d.name: d for d in accelcore_onnxruntime.accelcore_declare()}
+    plugin = accelcore_onnxruntime.plugin
+    decls = {d.name: d for d in plugin.accelcore_declare()}
     assert set(decls) == {"onnxruntime_fp32", "onnxruntime_int8_qlinear",
                           "onnxruntime_int8_integer"}
     assert not decls["onnxruntime_fp32"].available
     assert "onnxruntime not installed" in decls["onnxruntime_fp32"].reason
     with pytest.raises(BackendUnavailable, match="onnxruntime not installed"):
-        accelcore_onnxruntime.accelcore_accelerate("onnxruntime_int8_integer", model,
-                                                   request(tmp_path))
-    assert accelcore_onnxruntime.accelcore_accelerate("openvino_fp32", model,
-                                                      request(tmp_path)) is None
+        plugin.accelcore_accelerate("onnxruntime_int8_integer", model, request(tmp_path))
+    with pytest.raises(BackendUnavailable, match="onnxruntime not installed"):
+        plugin.accelcore_load_artifact("onnxruntime_fp32", tmp_path, {})
+    assert plugin.accelcore_accelerate("openvino_fp32", model, request(tmp_path)) is None

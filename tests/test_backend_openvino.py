@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_inference_support import accelerate, images, raw_model, rel_err, reload, request
+from inference_helpers import accelerate, images, raw_model, rel_err, reload, request
 
 from accelcore.errors import BackendUnavailable
 
@@ -62,9 +62,9 @@ def fp32(model, tmp_path_factory):
 
 
 def test_declared_available():
-    from accelcore_openvino import accelcore_declare
+    from accelcore_openvino import plugin
 
-    decls = {d.name: d for d in accelcore_declare()}
+    decls = {d.name: d for d in plugin.accelcore_declare()}
     assert set(decls) == {"openvino_fp32", "openvino_bf16", "openvino_int8"}
     assert all(d.kind == "backend" and d.available and d.summary for d in decls.values())
 
@@ -154,19 +154,20 @@ def test_missing_openvino_is_reported(monkeypatch, model, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "openvino" else real(name, *a))
-    decl = {d.name: d for d in accelcore_openvino.accelcore_declare()}["openvino_fp32"]
+    plugin = accelcore_openvino.plugin
+    decl = {d.name: d for d in plugin.accelcore_declare()}["openvino_fp32"]
     assert not decl.available and "openvino not installed" in decl.reason
     with pytest.raises(BackendUnavailable, match="openvino_fp32: openvino not installed"):
-        accelcore_openvino.accelcore_accelerate("openvino_fp32", model, request(tmp_path))
-    assert accelcore_openvino.accelcore_accelerate("not_mine", model, request(tmp_path)) is None
+        plugin.accelcore_accelerate("openvino_fp32", model, request(tmp_path))
+    assert plugin.accelcore_accelerate("not_mine", model, request(tmp_path)) is None
 
 
 def _signal_stack_is_mapped() -> bool:
     import ctypes
 
-    from accelcore.runtime import _SignalStack
+    from accelcore_openvino.signal_stack import SignalStack
 
-    stack = _SignalStack()
+    stack = SignalStack()
     assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
     if stack.ss_flags & 2:  # SS_DISABLE: no alternate stack, nothing can dangle
         return True

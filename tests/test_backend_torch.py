@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_inference_support import SIZE, accelerate, images, raw_model, rel_err, reload, request
+from inference_helpers import SIZE, accelerate, images, raw_model, rel_err, reload, request
 
 # fp32 must match eager to float rounding; bf16 keeps ~8 mantissa bits per op.
 TOL = {"original": 1e-5, "bf16": 5e-2, "bf16_channels_last": 5e-2}

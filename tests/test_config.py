@@ -106,3 +106,24 @@ def test_shipped_recipes_are_valid(path: Path, monkeypatch) -> None:
     except RecipeError as exc:
         # A shipped recipe may point at data that only exists on some machines.
         assert "data.root: folder not found" in str(exc), exc
+
+
+@pytest.mark.parametrize("key, value, hint", [
+    ("model.depth", 0.33, "model.options: {depth: ...}"),
+    ("train.use_ipex", True, "train.features: [ipex]"),
+])
+def test_moved_keys_say_where_they_went(key, value, hint):
+    section, name = key.split(".")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(data={section: {name: value}})
+    assert f"'{key}' is no longer a recipe key" in str(err.value) and hint in str(err.value)
+
+
+def test_recipe_without_model_name_builds_the_declared_default(fresh_plugins):
+    from accelcore.build import build_model
+    from accelcore.plugins import get_plugin_manager
+
+    recipe = load_recipe(data={"model": {"num_classes": 3}})
+    assert recipe.model.name is None
+    model = build_model(get_plugin_manager(), recipe)
+    assert model.meta["name"] == "yolox_nano" and model.num_classes == 3

@@ -1,10 +1,10 @@
-"""DDP over 2 processes == 1 process on the concatenated batch, through the real ddp.py setup."""
+"""DDP over 2 processes == 1 process on the concatenated batch, through the real launcher setup."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from accelcore_strategies.launcher import SubprocessLauncher
+from accelcore_strategies.launchers import SubprocessLauncher
 from torch import nn
 
 GLOBAL_BATCH = 4

@@ -14,8 +14,8 @@ import psutil
 import pytest
 import torch
 import torch.distributed as dist
-from accelcore_strategies import launcher
-from accelcore_strategies.launcher import DistributedError, SpawnLauncher, SubprocessLauncher
+from accelcore_strategies.failures import DistributedError
+from accelcore_strategies.launchers import SpawnLauncher, SubprocessLauncher, local
 
 BOUND_S = 60.0  # generous for a shared 2-core machine; a hang would take the gloo timeout
 
@@ -103,14 +103,14 @@ def test_port_taken_after_choice_is_retried(monkeypatch):
     """The race: the port was free when chosen, then taken before rank 0 listened."""
     with _occupy_port() as sock:
         busy = sock.getsockname()[1]
-        real = launcher.find_free_port
+        real = local.find_free_port
         calls = []
 
         def stale_then_real(host: str = "127.0.0.1") -> int:
             calls.append(host)
             return busy if len(calls) == 1 else real(host)
 
-        monkeypatch.setattr(launcher, "find_free_port", stale_then_real)
+        monkeypatch.setattr(local, "find_free_port", stale_then_real)
         run = SubprocessLauncher(2, grace_s=2.0)
         assert run.launch(ok_rank) == 3
         assert len(calls) == 2 and run.last_port != busy

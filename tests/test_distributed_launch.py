@@ -8,12 +8,20 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from accelcore_strategies import ddp
-from accelcore_strategies.ddp import Cpu, RankFailure, plan_cores, root_cause
-from accelcore_strategies.launcher import SpawnLauncher, SubprocessLauncher
+from accelcore_strategies import failures
+from accelcore_strategies.cores import Cpu, plan_cores
+from accelcore_strategies.failures import RankFailure, root_cause
+from accelcore_strategies.launchers import (
+    LAUNCHERS,
+    RayLauncher,
+    SingleLauncher,
+    SpawnLauncher,
+    SubprocessLauncher,
+)
 
 from accelcore import runtime
-from accelcore.errors import BackendUnavailable
+from accelcore.config import load_recipe
+from accelcore.errors import BackendUnavailable, PluginError, RecipeError
 
 
 def report_placement(rank: int, world_size: int) -> list[dict] | None:
@@ -34,9 +42,94 @@ def test_strategies_declared(fresh_plugins):
         assert pm.find("strategy", name) is not None, name
     ray_ok = importlib.util.find_spec("ray") is not None
     assert pm.find("strategy", "ray").declaration.available is ray_ok
-    # Each strategy answers for its own name only.
-    for impl in pm.hook.accelcore_train.get_hookimpls():
-        assert impl.function(strategy="no-such-strategy", job=None) is None
+    # Each strategy plugin answers for its own names only.
+    for impl in pm.hook.accelcore_launch.get_hookimpls():
+        assert impl.function(strategy="no-such-strategy", fn=ok_anywhere, nprocs=1,
+                             recipe=load_recipe(data={})) is None
+    # One registry: every declared built-in strategy is a Launcher class of its own name.
+    assert set(LAUNCHERS) == {"single", "subprocess", "spawn", "ray"}
+    assert all(cls.name == name for name, cls in LAUNCHERS.items())
+
+
+def ok_anywhere(rank: int, world_size: int) -> tuple[int, int]:
+    return rank, world_size
+
+
+def returns_none(rank: int, world_size: int) -> None:
+    return None
+
+
+def test_core_launch_runs_through_the_hook_and_names_the_key(fresh_plugins):
+    from accelcore.plugins import get_plugin_manager
+    from accelcore.training.launch import launch
+
+    pm = get_plugin_manager()
+    recipe = load_recipe(data={})
+    assert launch(pm, recipe, ok_anywhere, 1) == (0, 1)  # "single", the default strategy
+    # A function whose rank 0 returns None still counts as run (not "no plugin ran it").
+    assert launch(pm, recipe, returns_none, 1) is None
+    with pytest.raises(PluginError, match=r"^--strategies: no plugin ran strategy 'nobody'; "
+                                          r"declared: .*subprocess"):
+        launch(pm, recipe, ok_anywhere, 1, strategy="nobody", key="--strategies")
+
+
+def test_single_runs_one_process_only():
+    with pytest.raises(RecipeError, match="train.num_processes: strategy 'single' runs one"):
+        SingleLauncher(2).launch(ok_anywhere)
+
+
+def test_strategy_options_are_checked_by_the_plugin(fresh_plugins):
+    from accelcore.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+
+    def launch_with(strategy: str, options: dict) -> object:
+        recipe = load_recipe(data={"train": {"strategy": strategy, "num_processes": 2,
+                                             "batch_size": 4, "options": {strategy: options}}})
+        return pm.hook.accelcore_launch(strategy=strategy, fn=ok_anywhere, nprocs=2,
+                                        recipe=recipe)
+
+    # Rejected before anything starts (ray is not even imported for these).
+    with pytest.raises(RecipeError) as info:
+        launch_with("ray", {"adress": "auto"})
+    assert str(info.value) == ("<dict>: train.options.ray.adress: unknown option of strategy "
+                               "'ray' (did you mean 'address'?); known: address, "
+                               "cpus_per_worker, storage_path, timeout_s")
+    with pytest.raises(RecipeError, match=r"^<dict>: train.options.ray.cpus_per_worker: "
+                                          r"expected an integer >= 1, got 0$"):
+        launch_with("ray", {"cpus_per_worker": 0})
+    with pytest.raises(RecipeError, match=r"train.options.spawn.port: expected a port number"):
+        launch_with("spawn", {"port": 70000})
+    with pytest.raises(RecipeError, match=r"train.options.single.port: unknown option .* "
+                                          r"known: none"):
+        launch_with("single", {"port": 1})
+
+
+def test_strategy_options_reach_the_launcher(monkeypatch):
+    recipe = load_recipe(data={"train": {"strategy": "ray", "num_processes": 2, "batch_size": 4,
+                                         "options": {"ray": {"address": "auto",
+                                                             "cpus_per_worker": 3}}}})
+    ray = RayLauncher.from_recipe(2, recipe)
+    assert (ray.address, ray.cpus_per_worker, ray.global_batch) == ("auto", 3, 4)
+    monkeypatch.setenv("MASTER_PORT", "29411")
+    local = SubprocessLauncher.from_recipe(2, load_recipe(data={"train": {"batch_size": 4}}))
+    assert local.port == 29411  # torch's variable, when the recipe names no port
+    pinned = load_recipe(data={"train": {"options": {"subprocess": {"port": 29500,
+                                                                    "timeout_s": 60}}}})
+    local = SubprocessLauncher.from_recipe(2, pinned)
+    assert (local.port, local.timeout_s) == (29500, 60.0)
+    monkeypatch.setenv("MASTER_PORT", "http")
+    with pytest.raises(RecipeError, match="MASTER_PORT: expected a port number 1-65535, "
+                                          "got 'http'"):
+        SpawnLauncher(2)
+
+
+def test_old_ray_section_names_its_new_place():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(data={"ray": {"address": "auto", "cpus_per_worker": 1}})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("<dict>: 'ray' is no longer a recipe key; use train.options: {ray:")
 
 
 def test_plan_cores_disjoint_numa_and_no_smt_siblings():
@@ -63,9 +156,10 @@ def test_root_cause_prefers_real_error_over_lost_peer():
     lost = RankFailure(0, "RuntimeError: Connection closed by peer [127.0.0.1]:1", True, 1.0)
     real = RankFailure(1, "ValueError: boom", False, 2.0)
     assert root_cause([lost, real]) is real
-    assert ddp.is_peer_loss("RuntimeError: [pair.cc:537] Read error: Connection reset by peer")
-    assert not ddp.is_peer_loss("ValueError: boom")
-    assert ddp.signal_cause(-9) == "killed by signal SIGKILL"
+    assert failures.is_peer_loss("RuntimeError: [pair.cc:537] Read error: Connection reset by "
+                                 "peer")
+    assert not failures.is_peer_loss("ValueError: boom")
+    assert failures.signal_cause(-9) == "killed by signal SIGKILL"
 
 
 def test_missing_allocator_is_a_clear_error(monkeypatch, tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from accelcore_strategies.ddp import find_free_port
-from accelcore_strategies.launcher import terminate_tree
+from accelcore_strategies.processes import terminate_tree
+from accelcore_strategies.rendezvous import find_free_port
 from test_distributed_faults import workers_left
 
 from accelcore.config import load_recipe
@@ -22,14 +22,14 @@ from accelcore.pipeline import run_recipe
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed")
 
 
-def tiny_recipe(strategy: str, **ray: object) -> object:
+def tiny_recipe(strategy: str, **options: object) -> object:
     return load_recipe(data={
         "name": f"tiny-{strategy}", "stages": ["train"],
         "model": {"name": "yolox_nano", "input_size": [128, 128], "num_classes": 8},
         "data": {"num_workers": 0, "synthetic": {"images": 8, "val_images": 4, "size": 128}},
         "train": {"strategy": strategy, "num_processes": 2, "batch_size": 4, "max_iters": 2,
-                  "epochs": 1, "warmup_epochs": 0, "no_aug_epochs": 0, "quiet": True},
-        "ray": dict(ray),
+                  "epochs": 1, "warmup_epochs": 0, "no_aug_epochs": 0, "quiet": True,
+                  "options": {strategy: dict(options)}},
     })
 
 
@@ -68,17 +68,15 @@ def test_ray_strategy_trains_yolox_nano(tmp_path):
 def test_ray_fault_names_rank_and_cause(mode, cause, tmp_path):
     import ray.cloudpickle
     import test_distributed_faults
-    from accelcore_strategies.launcher import DistributedError
-    from accelcore_strategies.ray import launch_ray
+    from accelcore_strategies.failures import DistributedError
+    from accelcore_strategies.launchers import RayLauncher
     from test_distributed_faults import failing_rank
-
-    from accelcore.config import RayConfig
 
     # Ray workers cannot import test modules: ship the failing function by value.
     ray.cloudpickle.register_pickle_by_value(test_distributed_faults)
     with pytest.raises(DistributedError, match=f"rank 1 failed: {cause}") as info:
-        launch_ray(functools.partial(failing_rank, mode, str(tmp_path / "pid")), 2,
-                   RayConfig(cpus_per_worker=1), tmp_path)
+        RayLauncher(2, cpus_per_worker=1).launch(
+            functools.partial(failing_rank, mode, str(tmp_path / "pid")))
     assert "\n" not in str(info.value)
 
 
@@ -112,7 +110,8 @@ def ray_head(tmp_path):
 @pytest.mark.slow
 @needs_ray
 def test_ray_cluster_via_address(ray_head, tmp_path):
-    """The multi-node path: ray.address points at a running cluster (here on loopback)."""
+    """The multi-node path: train.options.ray.address points at a running cluster (here on
+    loopback)."""
     results = run_recipe(tiny_recipe("ray", address=ray_head, cpus_per_worker=1),
                          out=tmp_path / "run")
     check_run(results, tmp_path / "run")

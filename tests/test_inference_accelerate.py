@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import inference_helpers as support
 import pytest
-import test_inference_support as support
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def pm(fresh_plugins):
     from accelcore.plugins import get_plugin_manager
 
     manager = get_plugin_manager()
-    manager.register(support, name="test_inference_support")
+    manager.register(support, name="inference_helpers")
     manager._declared = None
     return manager
 
@@ -36,7 +36,7 @@ def _recipe(methods, **accelerate):
     acc = {"methods": methods, "batch_size": 2, "calibration_images": 4, "save": "best",
            "latency": {"warmup": 1, "min_runs": 2, "min_seconds": 0.05}, **accelerate}
     return load_recipe(data={"model": {"num_classes": 3, "input_size": [96, 96]},
-                             "plugins": ["test_inference_support"], "accelerate": acc})
+                             "plugins": ["inference_helpers"], "accelerate": acc})
 
 
 def _model():

@@ -11,8 +11,8 @@ import torch
 
 from accelcore.inference.calibration import build_calibration, spread_indices
 from accelcore.inference.latency import measure_latency
-from accelcore.machine import machine_info
 from accelcore.inference.select import select_method
+from accelcore.machine import machine_info
 
 
 def test_min_runs_and_min_seconds_are_both_honoured():

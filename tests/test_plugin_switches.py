@@ -7,10 +7,10 @@ import importlib.metadata
 import sys
 
 import pytest
+from test_plugins import install_on_path
 
 from accelcore.errors import PluginError
 from accelcore.plugins import PluginManager, get_plugin_manager
-from test_plugins import install_on_path
 
 NOISY_PLUGIN = '''
 import accelcore

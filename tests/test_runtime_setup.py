@@ -102,3 +102,28 @@ def test_accelerate_method_processes_run_under_the_recipe_setup(fresh_plugins, t
     assert row["runtime"]["allocator"] == "glibc (tuned)"
     assert row["runtime"]["threads"] == 1 and row["runtime"]["env"]["OMP_NUM_THREADS"] == "1"
     assert res["runtime_setup"] == {"allocator": "default", "malloc_tuning": True, "threads": 1}
+
+
+def _worker_runtime(rank: int, world_size: int) -> dict:
+    return runtime.describe_runtime()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["subprocess", "spawn"])
+def test_strategy_workers_start_under_the_recipe_setup(strategy, fresh_plugins):
+    """A worker reports what it runs under: the tuned glibc from its first allocation, and the
+    threads its core pinning gave it."""
+    from accelcore.config import load_recipe
+    from accelcore.plugins import get_plugin_manager
+    from accelcore.training.launch import launch
+
+    recipe = load_recipe(data={"train": {"strategy": strategy, "num_processes": 2,
+                                         "batch_size": 2}})
+    info = launch(get_plugin_manager(), recipe, _worker_runtime, 2)
+    assert info["allocator"] == "glibc (tuned)"
+    assert info["env"]["MALLOC_MMAP_MAX_"] == "0"
+    assert info["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    untuned = load_recipe(data={"train": {"strategy": strategy, "num_processes": 2,
+                                          "batch_size": 2, "malloc_tuning": False}})
+    assert launch(get_plugin_manager(), untuned, _worker_runtime, 2)["allocator"] == \
+        "glibc (stock)"

@@ -4,6 +4,7 @@ lead's benchmark; a real 1-iteration run is covered as slow)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from accelcore.commands import bench
 from accelcore.config import load_recipe
 from accelcore.errors import RecipeError
-from accelcore.training.bench import CONFIGS, _variant, bench_train
+from accelcore.training.bench import CONFIGS, _variant, bench_train, config_overrides
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +32,8 @@ def test_bench_train_arguments():
 def test_unknown_config_is_a_recipe_error():
     with pytest.raises(RecipeError, match="unknown config 'fp8'"):
         bench_train(load_recipe(data={}), ["fp8"], ["compute"])
+    with pytest.raises(RecipeError, match=r"unknown config 'bf16_cl\+'"):
+        bench_train(load_recipe(data={}), ["bf16_cl+"], ["compute"])
     with pytest.raises(RecipeError, match="unknown mode"):
         bench_train(load_recipe(data={}), ["fp32"], ["both"])
 
@@ -38,10 +41,13 @@ def test_unknown_config_is_a_recipe_error():
 def test_configs_pin_every_knob_whatever_the_recipe_says():
     # The main recipe trains channels_last; the fp32 baseline row must still be NCHW eager.
     recipe = load_recipe(data={"train": {"channels_last": True, "compile": True,
-                                         "precision": "bf16"}})
-    fp32 = _variant(recipe, CONFIGS["fp32"]).train
-    assert (fp32.precision, fp32.channels_last, fp32.compile, fp32.use_ipex) == (
-        "32", False, False, False)
+                                         "precision": "bf16", "features": ["ipex"]}})
+    fp32 = _variant(recipe, config_overrides("fp32")).train
+    assert (fp32.precision, fp32.channels_last, fp32.compile, fp32.features) == (
+        "32", False, False, [])
+    with_feature = _variant(recipe, config_overrides("bf16_cl+ipex")).train
+    assert (with_feature.precision, with_feature.channels_last, with_feature.features) == (
+        "bf16", True, ["ipex"])
     cl_compile = _variant(recipe, CONFIGS["fp32_cl_compile"]).train
     assert (cl_compile.precision, cl_compile.channels_last, cl_compile.compile) == (
         "32", True, True)
@@ -57,12 +63,17 @@ def test_bench_train_runs_and_writes_json(tmp_path: Path):
         f"num_classes: 3, cache_dir: {tmp_path / 'syn'}}}}}\n"
         "train: {batch_size: 2, threads: 1}\n")
     out = tmp_path / "b.json"
-    args = _parser().parse_args(["bench", "train", str(recipe), "--configs", "fp32,fp32_cl,ipex",
+    args = _parser().parse_args(["bench", "train", str(recipe), "--configs",
+                                 "fp32,fp32_cl,bf16_cl+ipex",
                                  "--iters", "1", "--warmup", "1", "--json", str(out)])
     assert args.handler(args) == 0
     rows = json.loads(out.read_text())
     assert {(r["config"], r["mode"]) for r in rows} == {
-        (c, m) for c in ("fp32", "fp32_cl", "ipex") for m in ("compute", "e2e")}
+        (c, m) for c in ("fp32", "fp32_cl", "bf16_cl+ipex") for m in ("compute", "e2e")}
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["img_per_s"] > 0 for r in ok)
     assert all(r["speedup"] == pytest.approx(1.0) for r in ok if r["config"] == "fp32")
+    if importlib.util.find_spec("intel_extension_for_pytorch") is None:  # the main environment
+        with_feature = [r for r in rows if r["config"] == "bf16_cl+ipex"]
+        assert all(r["status"] == "unavailable" and "train.features[0]: feature 'ipex'"
+                   in r["reason"] for r in with_feature)

@@ -54,7 +54,7 @@ def test_max_iters_keeps_schedule_and_writes_records(tmp_path: Path, syn_cache: 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [1, 2, 3]
     # lr follows the schedule of the full 5-epoch run (4 it/epoch), not a 3-iteration one
-    full = LRScheduler("yoloxwarmcos", 0.01 / 64 * 4, 4, 5, warmup_epochs=1, no_aug_epochs=1)
+    full = LRScheduler("quadwarm_cos_flat", 0.01 / 64 * 4, 4, 5, warmup_epochs=1, no_aug_epochs=1)
     assert [r["lr"] for r in rows] == pytest.approx([full.lr_at(i) for i in range(3)])
     assert all(torch.isfinite(torch.tensor(r["total_loss"])) for r in rows)
     epochs = list(csv.DictReader((tmp_path / "epochs.csv").open()))
@@ -74,16 +74,56 @@ def test_class_count_mismatch_is_one_line(tmp_path: Path, syn_cache: Path):
         fit(TrainJob(load_recipe(data=data), tmp_path))
 
 
-def test_use_ipex_unavailable_fails_fast(tmp_path: Path, syn_cache: Path):
+def test_unavailable_feature_fails_fast(tmp_path: Path, syn_cache: Path):
     import importlib.util
 
     if importlib.util.find_spec("intel_extension_for_pytorch") is not None:
-        pytest.skip("IPEX is installed here; use_ipex would run")
-    recipe = load_recipe(data=tiny_recipe(syn_cache, max_iters=1, use_ipex=True))
-    with pytest.raises(PluginError, match=r"^train\.use_ipex: .*train\.compile: true") as info:
+        pytest.skip("IPEX is installed here; the ipex feature would run")
+    recipe = load_recipe(data=tiny_recipe(syn_cache, max_iters=1, features=["ipex"]))
+    with pytest.raises(PluginError, match=r"^train\.features\[0\]: feature 'ipex' is "
+                                          r"unavailable here: .*train\.compile: true") as info:
         fit(TrainJob(recipe, tmp_path))
-    assert "\n" not in str(info.value) and str(info.value).count("train.use_ipex:") == 1
+    assert "\n" not in str(info.value)
     assert not (tmp_path / "checkpoints" / "last.pth").exists()  # failed before training
+
+
+def test_each_feature_reaches_its_own_plugin_in_order():
+    from accelcore import hookimpl
+    from accelcore.config import TrainConfig
+    from accelcore.interfaces import Declaration
+    from accelcore.plugins import PluginManager
+    from accelcore.training.loop import prepare_training
+
+    class Feature:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @hookimpl
+        def accelcore_declare(self):
+            return [Declaration("feature", self.name, f"adds {self.name}")]
+
+        @hookimpl
+        def accelcore_prepare_training(self, model, optimizer, config):
+            if self.name not in config.features:
+                return None
+            assert config.options.get(self.name) == {"level": self.name}
+            return [*model, self.name], optimizer
+
+    pm = PluginManager()
+    for name in ("first", "second", "unused"):
+        pm.register(Feature(name), name=name)
+    cfg = TrainConfig(features=["second", "first"],
+                      options={"first": {"level": "first"}, "second": {"level": "second"}})
+    model, optimizer = prepare_training(pm, [], "opt", cfg)
+    assert model == ["second", "first"] and optimizer == "opt"
+    assert prepare_training(pm, [], "opt", TrainConfig()) == ([], "opt")
+
+
+def test_unknown_feature_names_the_key_and_a_close_match(tmp_path: Path, syn_cache: Path):
+    recipe = load_recipe(data=tiny_recipe(syn_cache, max_iters=1, features=["ipexx"]))
+    with pytest.raises(PluginError, match=r"^train\.features\[0\]: unknown feature 'ipexx' "
+                                          r"\(did you mean 'ipex'\?\)"):
+        fit(TrainJob(recipe, tmp_path))
 
 
 _CHILD = r"""

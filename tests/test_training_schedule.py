@@ -1,4 +1,4 @@
-"""LR schedule shape (YOLOX yoloxwarmcos), optimizer groups and EMA."""
+"""LR schedule shape (YOLOX quadwarm_cos_flat), optimizer groups and EMA."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from accelcore.training.optim import build_optimizer, param_groups
 def make_sched(**kw):
     args = dict(warmup_epochs=2, warmup_lr_start=0.0, no_aug_epochs=3, min_lr_ratio=0.05)
     args.update(kw)
-    return LRScheduler("yoloxwarmcos", 0.01, 10, 20, **args)
+    return LRScheduler("quadwarm_cos_flat", 0.01, 10, 20, **args)
 
 
 def test_warmup_is_quadratic():

@@ -197,7 +197,8 @@ def test_structure_details_as_official():
 
 
 def test_custom_model():
-    model = create("yolox_custom", depth=0.33, width=0.25, depthwise=True, num_classes=80)
+    model = create("yolox_custom", options={"depth": 0.33, "width": 0.25, "depthwise": True},
+                   num_classes=80)
     ref = create("yolox_nano", num_classes=80)
     assert count_params(model) == count_params(ref)
     assert model.meta["name"] == "yolox_custom"
@@ -308,9 +309,7 @@ def _cfg(**kw):
         num_classes=7,
         checkpoint=None,
         finetune=False,
-        depth=None,
-        width=None,
-        depthwise=None,
+        options={},
         input_size=None,
     )
     base.update(kw)
@@ -328,11 +327,11 @@ def test_hook_build_model():
     m = accelcore_yolox.accelcore_build_model(SimpleNamespace(name="yolox_nano"))
     assert m.head.num_classes == 80
     c = accelcore_yolox.accelcore_build_model(
-        _cfg(name="yolox_custom", depth=0.33, width=0.125, depthwise=True)
+        _cfg(name="yolox_custom", options={"depth": 0.33, "width": 0.125, "depthwise": True})
     )
     assert c.meta["width"] == 0.125 and c.meta["input_size"] == (640, 640)
     with pytest.raises(RecipeError, match="yolox_custom"):
-        accelcore_yolox.accelcore_build_model(_cfg(width=0.5))
+        accelcore_yolox.accelcore_build_model(_cfg(options={"width": 0.5}))
     with pytest.raises(RecipeError, match="depth"):
         accelcore_yolox.accelcore_build_model(_cfg(name="yolox_custom"))
     with pytest.raises(RecipeError, match="multiples of 32"):

@@ -63,7 +63,7 @@ def handle_train(args: argparse.Namespace) -> int:
     if not args.configs:
         raise RecipeError("--configs: give at least one configuration")
     cfg = recipe.train
-    print(f"bench train: {recipe.model.name}, batch {cfg.batch_size}, input "
+    print(f"bench train: {recipe.model.name or 'default model'}, batch {cfg.batch_size}, input "
           f"{recipe.model.input_size or 'model default'}, threads {cfg.threads or 'default'}, "
           f"{args.iters} timed + {args.warmup} warm-up iterations")
     if args.num_processes:

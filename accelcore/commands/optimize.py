@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from accelcore.commands import add_plugin_option
-from accelcore.errors import CheckpointError, RecipeError
+from accelcore.errors import CheckpointError, RecipeError, one_line
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,7 +44,7 @@ def checkpoint_meta(path: str | Path, pm: Any) -> dict[str, Any]:
         raise CheckpointError(f"--model {path}: file not found") from None
     except Exception as exc:
         raise CheckpointError(f"--model {path}: cannot read checkpoint: "
-                              f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+                              f"{one_line(exc)}") from None
     keys = ("name", "num_classes", "input_size")
     # The plugin that recognises the weights first; the loop's own "meta" (it wrote it) wins.
     meta = {k: v for k, v in (pm.hook.accelcore_checkpoint_info(checkpoint=obj) or {}).items()

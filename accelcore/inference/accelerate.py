@@ -34,15 +34,15 @@ from typing import Any
 
 import torch
 
-from accelcore.errors import BackendUnavailable, PluginError
+from accelcore.errors import BackendUnavailable, PluginError, one_line
 from accelcore.inference.artifact import folder_size_mb, save_artifact
 from accelcore.inference.auto import AUTO, MethodChoice, expand_auto
 from accelcore.inference.calibration import calibration_from_tensor, load_images, spread_indices
 from accelcore.inference.latency import measure_latency, versions
-from accelcore.inference.select import select_method
+from accelcore.inference.select import accuracy_drop, select_method
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest, Detector
 from accelcore.machine import machine_info
-from accelcore.runtime import RuntimeSetup, describe_runtime
+from accelcore.runtime import RuntimeSetup, describe_runtime, runtime_label
 
 log = logging.getLogger(__name__)
 BASELINE = "original"
@@ -73,11 +73,6 @@ class MethodJob:
     options: dict = field(default_factory=dict)  # per-method backend options
 
 
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def _fixed_batch(forward: Any, batch: int) -> Any:
     """Pad a short final batch up to ``batch`` so shape-specialised methods never recompile."""
     def run(images: torch.Tensor) -> torch.Tensor:
@@ -100,15 +95,18 @@ def _check_output(out: Any, batch: torch.Tensor) -> None:
         raise ValueError("forward returned non-finite values")
 
 
-def run_method(job: MethodJob, method: str, pm: Any) -> dict:
-    """Convert, time, evaluate and save one method; never raises (errors become the row)."""
+def run_method(job: MethodJob, method: str, pm: Any, kind: str = "backend") -> dict:
+    """Convert, time, evaluate and save one method; never raises (errors become the row).
+
+    ``kind="reference"``: a plain-runtime baseline, measured the same way but never saved.
+    """
     from accelcore.evaluation import evaluate_predictor
-    from accelcore.inference.pt2e import inductor_cache
+    from accelcore.inference.pt2e import compiler_cache
     from accelcore.predictor import Predictor
 
     row: dict[str, Any] = {k: None for k in _ROW_KEYS}
     row.update(method=method, status="failed", reason="")
-    provided = pm.find("backend", method)
+    provided = pm.find(kind, method)
     row["summary"] = provided.declaration.summary if provided else ""
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -119,7 +117,7 @@ def run_method(job: MethodJob, method: str, pm: Any) -> dict:
         calibration=calibration_from_tensor(job.calibration_images, job.calibration_batch),
         options={"threads": job.threads, **job.options.get(method, {})})
     stage = "convert"
-    with inductor_cache(job.work_dir / "inductor-cache"):
+    with compiler_cache(job.work_dir / "inductor-cache"):
         try:
             t0 = time.perf_counter()
             accelerated: AcceleratedModel | None = pm.hook.accelcore_accelerate(
@@ -147,12 +145,15 @@ def run_method(job: MethodJob, method: str, pm: Any) -> dict:
                        eval_s=round(time.perf_counter() - t1, 2))
             row["status"] = "ok"
             row["runtime"] = describe_runtime()
+            row["details"] = accelerated.details
         except BackendUnavailable as exc:
-            row.update(status="unavailable", reason=_one_line(exc))
+            row.update(status="unavailable", reason=one_line(exc))
             return row
         except Exception as exc:  # one method failing must not end the run
             log.debug("method %s failed during %s", method, stage, exc_info=True)
-            row.update(status="failed", reason=f"{stage}: {_one_line(exc)}")
+            row.update(status="failed", reason=f"{stage}: {one_line(exc)}")
+            return row
+        if kind == "reference":
             return row
         stage = "save"
         try:
@@ -163,11 +164,11 @@ def run_method(job: MethodJob, method: str, pm: Any) -> dict:
             row["size_mb"] = round(folder_size_mb(folder), 3)
         except Exception as exc:  # measured fine but cannot be deployed: say so, keep numbers
             log.debug("saving %s failed", method, exc_info=True)
-            row["reason"] = f"not saved: {_one_line(exc)}"
+            row["reason"] = f"not saved: {one_line(exc)}"
     return row
 
 
-def _child(job_path: str, method: str, result_path: str) -> None:
+def _child(job_path: str, method: str, result_path: str, kind: str) -> None:
     """Entry point of a method process (spawn): load the job, run, write the row as JSON."""
     from accelcore.plugins import get_plugin_manager
     from accelcore.runtime import apply_inherited_setup
@@ -176,20 +177,20 @@ def _child(job_path: str, method: str, result_path: str) -> None:
     try:
         job: MethodJob = torch.load(job_path, weights_only=False)
         pm = get_plugin_manager(job.plugins)
-        row = run_method(job, method, pm)
+        row = run_method(job, method, pm, kind)
     except BaseException as exc:  # noqa: BLE001 - report anything, including SystemExit
         row = {"method": method, "status": "failed",
-               "reason": f"method process: {_one_line(exc)}",
+               "reason": f"method process: {one_line(exc)}",
                "traceback": traceback.format_exc(limit=5)}
     Path(result_path).write_text(json.dumps(row, default=str))
 
 
 def _run_in_process(job_path: Path, method: str, work_dir: Path,
-                    setup: RuntimeSetup) -> dict:
+                    setup: RuntimeSetup, kind: str = "backend") -> dict:
     result = work_dir / f"{method}.result.json"
     result.unlink(missing_ok=True)
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=_child, args=(str(job_path), method, str(result)),
+    proc = ctx.Process(target=_child, args=(str(job_path), method, str(result), kind),
                        name=f"accelcore-{method}")
     with setup.exported():  # spawn inherits the environment: allocator + threads from the start
         proc.start()
@@ -275,7 +276,7 @@ def run_accelerate(recipe: Any, model: Detector, run_dir: Path, val_dataset: Any
         work_dir=work_dir, staging_dir=staging,
         manifest={"model": _manifest_model(recipe, raw),
                   "class_names": class_names, "input_size": list(input_size),
-                  "batch_size": cfg.batch_size, "versions": versions()},
+                  "batch_size": cfg.batch_size, "versions": versions(pm)},
         threads=cfg.threads, runtime=RuntimeSetup.from_recipe(recipe, threads=cfg.threads),
         plugins=list(recipe.plugins), options=dict(cfg.options))
     job_path = work_dir / "job.pt"
@@ -315,19 +316,95 @@ def run_accelerate(recipe: Any, model: Detector, run_dir: Path, val_dataset: Any
         if row["latency_ms"] and base.get("latency_ms"):
             row["speedup"] = base["latency_ms"] / row["latency_ms"]
     selected, why = select_method(rows, cfg.accuracy_criterion, BASELINE)
+    references = run_references(job, job_path if isolate else None, cfg.references, pm)
+    lead = compute_lead(rows, references, selected, cfg.accuracy_criterion)
     artifacts = _keep_artifacts(rows, staging, run_dir / "artifacts", cfg.save, selected)
     job_path.unlink(missing_ok=True)
     return {
+        "references": references, "lead": lead,
         "methods": rows, "batch_size": cfg.batch_size, "input_size": list(input_size),
         "machine": {**machine_info(), "accelerate_threads": cfg.threads or threads_before},
         "runtime_setup": dataclasses.asdict(job.runtime),
-        "versions": versions(), "selected": selected, "selection_reason": why,
+        "versions": versions(pm), "selected": selected, "selection_reason": why,
         "accuracy_criterion": {"metric": cfg.accuracy_criterion.metric,
                                "kind": cfg.accuracy_criterion.kind,
                                "max_drop": cfg.accuracy_criterion.max_drop},
         "latency": job.latency, "calibration_images": calib_n, "isolated": isolate,
         "artifacts": artifacts,
     }
+
+
+def reference_names(requested: list[str], pm: Any) -> list[str]:
+    """``accelerate.references`` with ``auto`` expanded to every declared reference."""
+    names: list[str] = []
+    for i, name in enumerate(requested):
+        if name == AUTO:
+            names.extend(pm.names("reference"))
+        else:
+            pm.require("reference", name, f"accelerate.references[{i}]", available=False)
+            names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def run_references(job: MethodJob, job_path: Path | None, requested: list[str],
+                   pm: Any) -> list[dict]:
+    """Measure the plain-runtime reference rows exactly as the methods are measured.
+
+    Each runs in its own process (``job_path`` given) under the project's setup, or under the
+    stock runtime if its declaration asks for it (``torch_plain_fp32``: what a user has before
+    installing accelcore). In-process runs cannot undo this process's tuning; their ``runtime``
+    field then says what they really ran under.
+    """
+    rows: list[dict] = []
+    for name in reference_names(requested, pm):
+        decl = pm.find("reference", name).declaration
+        setup = RuntimeSetup.stock() if decl.stock_runtime else job.runtime
+        if not decl.available:
+            raw = {"method": name, "status": "unavailable", "reason": decl.reason}
+        elif job_path is not None:
+            raw = _run_in_process(job_path, name, job.work_dir, setup, kind="reference")
+        else:
+            raw = run_method(job, name, pm, kind="reference")
+            torch._dynamo.reset()
+            gc.collect()
+        runtime = raw.get("runtime")
+        row = {"name": name, "status": raw.get("status"), "reason": raw.get("reason", ""),
+               "runtime": runtime_label(runtime) if runtime else None,
+               "runtime_setup": dataclasses.asdict(setup), "precision": raw.get("precision"),
+               "latency_ms": raw.get("latency_ms"), "p10_ms": raw.get("p10_ms"),
+               "p90_ms": raw.get("p90_ms"), "img_per_s": raw.get("img_per_s"),
+               "ap50_95": raw.get("ap50_95"), "ap50": raw.get("ap50"),
+               "settings": raw.get("details") or {}, "summary": decl.summary}
+        rows.append(row)
+        _print_row({**raw, "method": f"[reference] {name}"})
+    return rows
+
+
+def compute_lead(rows: list[dict], references: list[dict], selected: str | None,
+                 criterion: Any) -> dict:
+    """``{selected, best_reference, ratio}``: ratio = best reference latency / selected latency,
+    the best reference being the fastest one within the same accuracy criterion (vs original)."""
+    by_name = {r["method"]: r for r in rows}
+    base = by_name.get(BASELINE)
+    ok_refs = []
+    for ref in references:
+        if ref["status"] != "ok" or ref["latency_ms"] is None or base is None:
+            continue
+        if base.get("latency_ms"):
+            ref["speedup"] = base["latency_ms"] / ref["latency_ms"]
+        drop = accuracy_drop(ref, base, criterion.metric, criterion.kind)
+        ref["accuracy_drop"] = drop
+        if drop is not None and drop <= criterion.max_drop:
+            ok_refs.append(ref)
+    best = min(ok_refs, key=lambda r: r["latency_ms"], default=None)
+    chosen = by_name.get(selected) if selected else None
+    ratio = (best["latency_ms"] / chosen["latency_ms"]
+             if best is not None and chosen is not None and chosen["latency_ms"] else None)
+    return {"selected": selected,
+            "selected_latency_ms": chosen["latency_ms"] if chosen else None,
+            "best_reference": best["name"] if best else None,
+            "best_reference_latency_ms": best["latency_ms"] if best else None,
+            "ratio": ratio}
 
 
 def _keep_artifacts(rows: list[dict], staging: Path, dest: Path, policy: str,

@@ -7,7 +7,7 @@ Layout of ``<folder>/``::
     <payload>       written by the backend's ``AcceleratedModel.save`` (e.g. ``model.pt2``)
 
 :func:`load_artifact` asks the ``accelcore_load_artifact`` hook for the forward and builds the
-fp32 decode + NMS from ``create_model(name, num_classes=...)`` (its weights are not used), so
+fp32 decode + NMS from ``create_model(**manifest["model"])`` (its weights are not used), so
 every method is post-processed by the same code (:class:`accelcore.predictor.Predictor`).
 """
 

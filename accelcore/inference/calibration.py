@@ -33,11 +33,6 @@ def load_images(dataset: Any, indices: Sequence[int], input_size: Sequence[int])
     return torch.from_numpy(np.stack(arrays))
 
 
-def sample_batch(dataset: Any, batch_size: int, input_size: Sequence[int]) -> torch.Tensor:
-    """One batch of real images (evenly spread over the dataset) for latency measurement."""
-    return load_images(dataset, spread_indices(len(dataset), batch_size), input_size)
-
-
 def build_calibration(dataset: Any, input_size: Sequence[int], num_images: int = 128,
                       batch_size: int = 8) -> Callable[[], Iterator[torch.Tensor]]:
     """The ``AccelerateRequest.calibration`` callable for ``dataset``.

@@ -1,7 +1,15 @@
-"""Model export shared by the graph backends (ONNX Runtime, OpenVINO, and anyone else).
+"""What every backend converts with: the example batch, the dynamic batch, the ONNX export.
 
-``export_onnx`` writes a raw-output model (float32 NCHW BGR 0-255 in, raw head ``[B, N, 5 + C]``
-out) to one self-contained ``.onnx`` file with a dynamic batch dimension.
+* :func:`example_input` — the deterministic image-like batch a backend traces / exports /
+  warms up with (at least :data:`MIN_EXAMPLE_BATCH` images: tracing and ``torch.export``
+  specialise a batch dimension of size 1 to a constant).
+* :func:`dynamic_batch` — an example padded to that minimum together with the
+  ``torch.export`` ``dynamic_shapes`` spec that keeps its batch dimension symbolic.
+* :func:`export_onnx` writes a raw-output model (float32 NCHW BGR 0-255 in, the raw output
+  ``[B, N, K]`` out) to one self-contained ``.onnx`` file with a dynamic batch dimension.
+
+These are torch's own export paths (tracing, ``torch.export``, ``torch.onnx``); the
+backend-specific conversions built on them live in the backend plugins.
 
 Exporter choice (torch 2.13): both exporters produce a correct graph for YOLOX (max abs diff
 ~1e-7 vs eager, batch 1 and 3 from a batch-2 export). We default to the torch.export-based
@@ -22,6 +30,8 @@ from typing import Any, Literal
 
 import torch
 
+from accelcore.errors import one_line
+
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
@@ -29,14 +39,31 @@ OUTPUT_NAME = "raw"
 EXPORTER_KEY = "accelcore.exporter"
 DEFAULT_OPSET = 18  # lowest opset the dynamo exporter emits; ORT and OpenVINO 2026 read it
 Exporter = Literal["dynamo", "legacy", "auto"]
+#: Smallest example batch: a batch dimension of size 1 is specialised to a constant.
+MIN_EXAMPLE_BATCH = 2
+#: Largest batch a dynamic-batch export accepts.
+MAX_BATCH = 4096
 
 
-def _example(input_size: tuple[int, int], batch_size: int) -> torch.Tensor:
-    height, width = input_size
-    # Image-like values: 0-255 like the real preprocessed input (matters for nothing traced,
-    # but keeps any data-dependent check honest).
+def example_input(input_size: tuple[int, int] | list[int],
+                  batch_size: int = MIN_EXAMPLE_BATCH) -> torch.Tensor:
+    """A deterministic float32 ``[max(2, batch_size), 3, H, W]`` batch for tracing/export only.
+
+    Image-like values (0-255 like the real preprocessed input): they matter for nothing traced,
+    but keep any data-dependent check honest.
+    """
+    height, width = int(input_size[0]), int(input_size[1])
     generator = torch.Generator().manual_seed(0)
-    return torch.rand(batch_size, 3, height, width, generator=generator) * 255.0
+    return torch.rand(max(MIN_EXAMPLE_BATCH, int(batch_size)), 3, height, width,
+                      generator=generator) * 255.0
+
+
+def dynamic_batch(example: torch.Tensor) -> tuple[torch.Tensor, tuple[dict[int, Any]]]:
+    """``(example, dynamic_shapes)`` for ``torch.export`` of a one-input model whose dim 0 is
+    the batch: a smaller example is repeated up to :data:`MIN_EXAMPLE_BATCH` images."""
+    if example.shape[0] < MIN_EXAMPLE_BATCH:
+        example = example.expand(MIN_EXAMPLE_BATCH, *example.shape[1:]).contiguous()
+    return example, ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
 
 def export_onnx(
@@ -56,10 +83,12 @@ def export_onnx(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if dynamic_batch and batch_size < 2:
-        raise ValueError("export_onnx: a dynamic batch needs an example batch_size >= 2")
+    if dynamic_batch and batch_size < MIN_EXAMPLE_BATCH:
+        raise ValueError(f"export_onnx: a dynamic batch needs an example batch_size >= "
+                         f"{MIN_EXAMPLE_BATCH}")
     model = model.eval()
-    example = _example(tuple(input_size), batch_size)
+    # A static export keeps the caller's batch size exactly (example_input would pad 1 to 2).
+    example = example_input(input_size, batch_size)[:batch_size]
     if exporter in ("dynamo", "auto"):
         try:
             _export_dynamo(model, example, path, dynamic_batch, opset)
@@ -68,8 +97,8 @@ def export_onnx(
         except Exception as exc:
             if exporter == "dynamo":
                 raise
-            log.warning("dynamo ONNX export failed (%s: %s); falling back to the legacy exporter",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            log.warning("dynamo ONNX export failed (%s); falling back to the legacy exporter",
+                        one_line(exc))
     elif exporter != "legacy":
         raise ValueError(f"export_onnx: unknown exporter {exporter!r}")
     _export_legacy(model, example, path, dynamic_batch, opset)
@@ -96,8 +125,8 @@ def _stamp(path: Path, exporter: str) -> None:
 
 
 def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path,
-                   dynamic_batch: bool, opset: int) -> None:
-    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+                   batch_is_dynamic: bool, opset: int) -> None:
+    dynamic_shapes = dynamic_batch(example)[1] if batch_is_dynamic else None
     with torch.no_grad():
         torch.onnx.export(
             model, (example,), str(path),
@@ -109,8 +138,8 @@ def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path,
 
 
 def _export_legacy(model: torch.nn.Module, example: torch.Tensor, path: Path,
-                   dynamic_batch: bool, opset: int) -> None:
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+                   batch_is_dynamic: bool, opset: int) -> None:
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if batch_is_dynamic else None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # we chose it knowingly
         torch.onnx.export(
@@ -119,24 +148,3 @@ def _export_legacy(model: torch.nn.Module, example: torch.Tensor, path: Path,
             dynamo=False, dynamic_axes=axes, opset_version=opset,
         )
 
-
-def to_openvino(model: torch.nn.Module, example: torch.Tensor,
-                dynamic_batch: bool = True) -> Any:
-    """Convert a raw-output torch model to an ``openvino.Model`` (direct from torch, no ONNX).
-
-    With ``dynamic_batch`` the input is declared ``[?, 3, H, W]`` so one compiled model serves
-    any batch size and a batch can be split across parallel infer requests.
-    """
-    import openvino as ov  # heavy: imported only when a conversion is asked for
-
-    model = model.eval()
-    shape = [-1 if dynamic_batch else example.shape[0], *example.shape[1:]]
-    with torch.no_grad():
-        # Trace ourselves: convert_model's own trace re-runs the model to check the trace,
-        # which doubled conversion time (yolox_nano 96 px: ~17 s -> ~8 s on 2 busy cores).
-        traced = torch.jit.trace(model, example, check_trace=False)
-        ov_model = ov.convert_model(traced, example_input=example,
-                                    input=[ov.PartialShape(shape)])
-    ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
-    ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
-    return ov_model

@@ -8,12 +8,12 @@ keeps fast methods from being judged on a handful of calls while the shared core
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+
 
 def measure_latency(fn: Callable[[Any], Any], inputs: Any, warmup: int = 2, min_runs: int = 5,
                     min_seconds: float = 10.0, max_runs: int | None = None) -> dict:
@@ -58,14 +58,21 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def versions(names: tuple[str, ...] = ("accelcore", "torch", "torchao", "openvino", "nncf",
-                                       "onnx", "onnxruntime", "neural-compressor-pt",
-                                       "intel-extension-for-pytorch", "numpy")) -> dict:
-    """Installed versions of the packages that shape the numbers (absent ones are skipped)."""
+#: Packages the core itself runs on; backends add theirs through ``Declaration.packages``.
+CORE_PACKAGES = ("accelcore", "torch", "numpy")
+
+
+def versions(pm: Any = None) -> dict:
+    """Installed versions of the packages that shape the numbers (absent ones are skipped):
+    the core's own and every package a loaded plugin declared (``Declaration.packages``)."""
     from importlib.metadata import PackageNotFoundError, version
 
+    names = list(CORE_PACKAGES)
+    if pm is not None:
+        for provided in pm.declarations():
+            names.extend(provided.declaration.packages)
     out = {"python": platform.python_version()}
-    for name in names:
+    for name in dict.fromkeys(names):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -1,13 +1,22 @@
-"""torch.export / PT2E int8 / inductor helpers shared by the PyTorch-family backends.
+"""torch.export / PT2E int8 / torch.compile helpers shared by the PyTorch-family backends.
+
+Why this is core and not a plugin: everything here is PyTorch's own machinery — ``torch.export``,
+the PT2E quantization flow (torchao's ``X86InductorQuantizer`` is its x86 quantizer, imported
+only inside the functions that quantize) and ``torch.compile``'s default compiler — which the
+core depends on anyway (the accelerate stage keeps the compiler's cache in the run folder, see
+:func:`compiler_cache`). Several backend plugins build on it (eager, compiled, PT2E int8 and
+third-party quantizers that emit the same Q/DQ graphs), and a plugin importing another plugin
+would make one backend depend on another being installed. Nothing here names a backend.
 
 * :func:`export_raw` — ``torch.export`` of the raw-output model with a dynamic batch dimension.
 * :func:`quantize_pt2e` — static int8 PT2E: export → ``X86InductorQuantizer`` (per-channel
   weights, per-tensor uint8 activations) → calibrate on real images → ``convert_pt2e``.
-  ``inductor_int8`` calls it directly; ``int8`` (Intel Neural Compressor) runs INC's own
-  prepare/convert, which builds the same kind of graph.
-* :func:`compile_inductor` — ``torch.compile`` with inductor freezing, optionally channels_last
+  Quantizers with their own prepare/convert build the same kind of graph and share
+  :func:`calibrate`, :func:`output_tail_modules` and :func:`quantization_details`.
+* :func:`compile_frozen` — ``torch.compile`` with inductor freezing, optionally channels_last
   and bf16 autocast; the int8 graphs only become fast int8 kernels through this step.
-* :func:`save_program` / :func:`load_program` — the portable artifact payload (``model.pt2``).
+* :func:`save_program` / :func:`load_program` — the portable artifact payload (``model.pt2``);
+  :func:`program_saver` is the ``AcceleratedModel.save`` that writes it.
 
 Global torch state is never left changed: the inductor ``freezing`` flag is set with
 ``torch._inductor.config.patch`` around *each* call of the compiled function (compilation is
@@ -27,28 +36,16 @@ from typing import Any
 
 import torch
 
+from accelcore.inference.export import dynamic_batch, example_input
+
 PROGRAM_FILE = "model.pt2"
-# torch.export needs an example batch >= 2, else it specialises the batch dim to a constant.
-_MIN_EXPORT_BATCH = 2
-
-
-def example_input(input_size: tuple[int, int] | list[int], batch_size: int = 2) -> torch.Tensor:
-    """A deterministic image-like float32 batch (0-255) for tracing/export only."""
-    h, w = int(input_size[0]), int(input_size[1])
-    gen = torch.Generator().manual_seed(0)
-    return torch.rand(max(_MIN_EXPORT_BATCH, batch_size), 3, h, w, generator=gen) * 255.0
-
-
-def _dynamic_batch() -> tuple[dict[int, Any]]:
-    return ({0: torch.export.Dim("batch", min=1, max=4096)},)
 
 
 def export_raw(model: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
     """``torch.export`` of an eval-mode raw-output model; the batch dimension stays dynamic."""
-    if example.shape[0] < _MIN_EXPORT_BATCH:
-        example = example.expand(_MIN_EXPORT_BATCH, *example.shape[1:]).contiguous()
+    example, dynamic_shapes = dynamic_batch(example)
     with torch.no_grad():
-        return torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch())
+        return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
 
 
 def save_program(module: torch.nn.Module | torch.export.ExportedProgram, example: torch.Tensor,
@@ -59,6 +56,15 @@ def save_program(module: torch.nn.Module | torch.export.ExportedProgram, example
     path = Path(folder) / PROGRAM_FILE
     torch.export.save(program, str(path))
     return path
+
+
+def program_saver(module: torch.nn.Module | torch.export.ExportedProgram,
+                  input_size: tuple[int, int] | list[int]) -> Callable[[Path], None]:
+    """``AcceleratedModel.save`` writing ``module`` as ``model.pt2`` (exported at save time)."""
+    def save(folder: Path) -> None:
+        save_program(module, example_input(input_size), folder)
+
+    return save
 
 
 def load_program(folder: Path) -> torch.nn.Module:
@@ -91,8 +97,8 @@ def output_tail_modules(program: torch.export.ExportedProgram | torch.fx.GraphMo
     permutes — anything but another convolution), as module names.
 
     These are the detector's predictor convs: quantized, their outputs would share one 8-bit
-    scale across box offsets, objectness and class logits. The same rule, on ONNX graphs,
-    keeps them fp32 in ``onnxruntime_int8_qlinear``.
+    scale across box offsets, objectness and class logits (graph backends apply the same rule
+    to their own graphs).
     """
     graph = getattr(program, "graph_module", program).graph
     output = next(n for n in graph.nodes if n.op == "output")
@@ -124,10 +130,11 @@ def default_quantizer(reduce_range: bool = False,
     ``reduce_range`` gives 7-bit activations. Without VNNI/AMX oneDNN's u8×s8 kernels add pairs
     of products in int16, which can saturate with full-range activations; 7 bits avoid that
     but halve the resolution. Measured on this AVX2 machine (shipped yolox_nano, 64 val images,
-    ``inductor_int8``, predictor convs fp32, minmax ranges): 8-bit AP50:95 0.5885, 7-bit 0.5638,
-    fp32 0.5922 — so 8 bits by default. ``fp32_modules`` (module names) are left unquantized;
-    ``observer`` sets how activation ranges are calibrated: "minmax" (the full observed range,
-    as INC does) or "histogram" (torchao's default, clips outliers to minimise the L2 error).
+    this quantizer compiled by inductor, predictor convs fp32, minmax ranges): 8-bit AP50:95
+    0.5885, 7-bit 0.5638, fp32 0.5922 — so 8 bits by default. ``fp32_modules`` (module names)
+    are left unquantized; ``observer`` sets how activation ranges are calibrated: "minmax" (the
+    full observed range, as Intel Neural Compressor does) or "histogram" (torchao's default,
+    clips outliers to minimise the L2 error).
     """
     import dataclasses
 
@@ -173,7 +180,7 @@ def quantize_pt2e(model: torch.nn.Module, example: torch.Tensor,
     """Static int8 PT2E of the raw-output model; returns (converted module, details).
 
     ``fp32_output_convs`` keeps :func:`output_tail_modules` in float32. The converted module
-    is a Q/DQ reference graph: correct but slow until :func:`compile_inductor` fuses it into
+    is a Q/DQ reference graph: correct but slow until :func:`compile_frozen` fuses it into
     int8 oneDNN kernels.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -197,7 +204,7 @@ def quantization_details(images: int, reduce_range: bool, fp32_modules: list[str
 
 
 @contextlib.contextmanager
-def inductor_cache(default_dir: Path | None = None) -> Iterator[Path]:
+def compiler_cache(default_dir: Path | None = None) -> Iterator[Path]:
     """Use ``TORCHINDUCTOR_CACHE_DIR`` if set, else ``default_dir`` (or a temp dir), for the block.
 
     Inductor reads the variable when it writes/reads kernels, so setting it for the block only
@@ -218,7 +225,7 @@ def inductor_cache(default_dir: Path | None = None) -> Iterator[Path]:
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
 
 
-def compile_inductor(module: torch.nn.Module, *, bf16: bool = False,
+def compile_frozen(module: torch.nn.Module, *, bf16: bool = False,
                      channels_last: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """Compile ``module`` with inductor (freezing on); returns ``forward(images) -> float32``.
 
@@ -241,11 +248,6 @@ def compile_inductor(module: torch.nn.Module, *, bf16: bool = False,
             return compiled(images)
 
     return forward
-
-
-def reset_compiler_state() -> None:
-    """Drop dynamo's compiled-code caches (used between methods run in one process)."""
-    torch._dynamo.reset()
 
 
 def eager_forward(module: torch.nn.Module, *, bf16: bool = False,

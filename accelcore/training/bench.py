@@ -6,6 +6,9 @@ precision plugin, layout, optimizer, EMA) with a fresh model from the same seed.
 * ``compute``: one preloaded batch at the recipe's input size, repeated — the step alone;
 * ``e2e``: the real loader (mosaic, mixup, HSV, flip) and multiscale resizing, as in training.
 
+A configuration is a name from :data:`CONFIGS`, optionally followed by plugin-declared training
+features (``train.features``): ``bf16_cl+NAME`` is ``bf16_cl`` with feature ``NAME`` on.
+
 Throughput is the median over the timed iterations after ``warmup`` untimed ones.
 """
 
@@ -25,11 +28,11 @@ from accelcore.errors import AccelcoreError, RecipeError
 from accelcore.interfaces import TrainJob
 from accelcore.training.loop import Trainer
 
-#: Every knob a configuration can turn, at its plain value: each configuration sets all of them,
-#: so a recipe's own choice (the main recipe trains channels_last) never leaks into a row —
-#: ``fp32`` is fp32 eager NCHW, the baseline every ratio is taken against.
-_PLAIN: dict[str, Any] = {"precision": "32", "channels_last": False, "compile": False,
-                          "use_ipex": False}
+#: Every knob a configuration can turn, at its plain value: each configuration sets all of them
+#: (``train.features`` too, see :func:`config_overrides`), so a recipe's own choice (the main
+#: recipe trains channels_last) never leaks into a row — ``fp32`` is fp32 eager NCHW, the
+#: baseline every ratio is taken against.
+_PLAIN: dict[str, Any] = {"precision": "32", "channels_last": False, "compile": False}
 
 
 def _config(**overrides: Any) -> dict[str, Any]:
@@ -47,11 +50,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "bf16_cl_compile": _config(precision="bf16", channels_last=True, compile=True),
     "fp32_compile": _config(compile=True),
     "fp32_cl_compile": _config(channels_last=True, compile=True),
-    "ipex": _config(precision="bf16", channels_last=True, use_ipex=True),
 }
-DEFAULT_CONFIGS = ("fp32", "bf16", "bf16_cl", "bf16_cl_compile", "ipex")
+DEFAULT_CONFIGS = ("fp32", "bf16", "bf16_cl", "bf16_cl_compile")
+FEATURE_SEPARATOR = "+"
 MODES = ("compute", "e2e")
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "ema")
+
+
+def config_overrides(name: str) -> dict[str, Any]:
+    """The ``TrainConfig`` overrides of configuration ``name`` (``CONFIG[+FEATURE…]``)."""
+    base, *features = name.split(FEATURE_SEPARATOR)
+    if base not in CONFIGS or not all(features):
+        raise RecipeError(f"--configs: unknown config '{name}'; known: {', '.join(CONFIGS)}, "
+                          f"each optionally with training features: CONFIG+FEATURE")
+    return {**CONFIGS[base], "features": features}
 
 
 def _variant(recipe: Any, overrides: dict[str, Any]) -> Any:
@@ -99,9 +111,7 @@ def bench_train(recipe: Any, configs: list[str] | tuple[str, ...] = DEFAULT_CONF
                 modes: list[str] | tuple[str, ...] = MODES, iters: int = 10, warmup: int = 3,
                 log: Any = print) -> list[dict[str, Any]]:
     """Rows ``{config, mode, img_per_s, speedup, step_ms, status, reason}``."""
-    for name in configs:
-        if name not in CONFIGS:
-            raise RecipeError(f"--configs: unknown config '{name}'; known: {', '.join(CONFIGS)}")
+    overrides = {name: config_overrides(name) for name in configs}
     for mode in modes:
         if mode not in MODES:
             raise RecipeError(f"--modes: unknown mode '{mode}'; known: {', '.join(MODES)}")
@@ -118,7 +128,7 @@ def bench_train(recipe: Any, configs: list[str] | tuple[str, ...] = DEFAULT_CONF
         batch = int(fixed[0].shape[0])
         for name in configs:
             try:
-                t = _trainer(recipe, CONFIGS[name], loader, base.pm, work)
+                t = _trainer(recipe, overrides[name], loader, base.pm, work)
             except AccelcoreError as exc:
                 for mode in modes:
                     rows.append({"config": name, "mode": mode, "img_per_s": None,
@@ -147,16 +157,18 @@ def profile_train(recipe: Any, config: str = "fp32", iters: int = 10,
                   warmup: int = 3) -> dict[str, float]:
     """Median seconds per phase of the real e2e training step (data … EMA).
 
-    forward/loss are split with hooks on the model (end of ``model.head``), so the step is not
-    run twice; "loss" therefore covers label assignment (SimOTA) and the loss terms.
+    forward/loss are split by a hook on the model's last registered child (the network's end —
+    a detection head), so the step is not run twice; "loss" therefore covers label assignment
+    and the loss terms.
     """
     with tempfile.TemporaryDirectory(prefix="accelcore-prof-") as tmp:
         base = Trainer(TrainJob(recipe, Path(tmp)), write=False)
         base.setup_runtime()
         base.setup_data()
-        t = _trainer(recipe, CONFIGS[config], base.loader, base.pm, Path(tmp))
+        t = _trainer(recipe, config_overrides(config), base.loader, base.pm, Path(tmp))
         marks: dict[str, float] = {}
-        head = getattr(t.model, "head", None)
+        children = list(t.model.children())
+        head = children[-1] if children else None
         handle = None
         if head is not None:
             handle = head.register_forward_hook(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from accelcore.errors import CheckpointError
+from accelcore.errors import CheckpointError, one_line
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -57,8 +57,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, …
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {msg}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(exc)}") from None
 
 
 def clean_stale_temps(folder: str | Path) -> None:

@@ -1,7 +1,7 @@
 """The training loop every strategy runs: ``fit(job, rank, world_size)``.
 
 YOLOX recipe (official ``Trainer`` semantics): SGD + Nesterov over three parameter groups,
-per-iteration "yoloxwarmcos" lr, EMA of the weights, multiscale input every
+per-iteration "quadwarm_cos_flat" lr, EMA of the weights, multiscale input every
 ``multiscale_interval`` iterations, mosaic/mixup closed and the model told so
 (``Detector.start_no_augmentation``: YOLOX's L1 loss) for the last ``no_aug_epochs`` (where
 evaluation runs every epoch), evaluation of the EMA weights, best/last
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from accelcore.build import build_data, build_model
-from accelcore.errors import BackendUnavailable, PluginError, RecipeError
+from accelcore.errors import PluginError, RecipeError
 from accelcore.interfaces import Precision, TrainJob
 from accelcore.plugins import PluginManager, get_plugin_manager
 from accelcore.runtime import RuntimeSetup, describe_runtime
@@ -46,22 +46,6 @@ from accelcore.training.records import Meter, RunRecords
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-IPEX_HINT = ("use train.compile: true with train.precision: bf16 instead (fused kernels "
-             "through torch.compile/inductor)")
-
-
-def _ipex_hint() -> str:
-    # Be honest about bf16: without AVX512-BF16/AMX it is emulated and slower than fp32.
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    if flags and not any(f in flags.split() for f in ("avx512_bf16", "amx_bf16")):
-        return (IPEX_HINT + "; note this CPU has no bf16 hardware, so here prefer "
-                "train.precision: 32 with train.channels_last: true "
-                "(optionally train.compile: true)")
-    return IPEX_HINT
 
 
 # ---------------------------------------------------------------- building blocks
@@ -103,38 +87,21 @@ def build_train_loader(dataset: Any, recipe: Any, input_size: tuple[int, int], r
 
 def prepare_training(pm: PluginManager, model: nn.Module, optimizer: torch.optim.Optimizer,
                      cfg: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Let a plugin (IPEX) transform model+optimizer; ``use_ipex`` without one fails fast."""
-    try:
-        prepared = pm.hook.accelcore_prepare_training(model=model, optimizer=optimizer,
-                                                      config=cfg)
-    except BackendUnavailable as exc:
-        if cfg.use_ipex:
-            msg = str(exc)
-            if not msg.startswith("train.use_ipex"):
-                msg = f"train.use_ipex: {msg}"
-            if "train.compile" not in msg:  # the plugin may already name the alternative
-                msg = f"{msg}; {_ipex_hint()}"
-            raise BackendUnavailable(msg) from None
-        raise
-    if prepared is None:
-        if cfg.use_ipex:
-            raise PluginError(f"train.use_ipex: IPEX training is unavailable "
-                              f"({_ipex_reason(pm)}); {_ipex_hint()}")
-        return model, optimizer
-    return prepared
+    """Apply ``train.features`` in order; every name must be a declared, available feature.
 
-
-def _ipex_reason(pm: PluginManager) -> str:
-    record = pm.records.get("ipex")
-    if record is not None and record.error:
-        return f"plugin 'ipex' failed to load: {record.error}"
-    for provided in pm.declarations():
-        d = provided.declaration
-        if d.name == "ipex" and not d.available:
-            return d.reason or "ipex plugin reports it cannot run here"
-    if record is None:
-        return "no 'ipex' plugin is installed"
-    return "no plugin implements accelcore_prepare_training for this config"
+    The check comes first, so a feature that cannot run here fails before any training with
+    its plugin's reason. Each feature is then offered to the plugins on its own (a config whose
+    ``features`` holds only that name), so every feature's plugin gets its turn even though the
+    hook stops at the first plugin that returns a pair.
+    """
+    for i, name in enumerate(cfg.features):
+        pm.require("feature", name, f"train.features[{i}]")
+    for name in cfg.features:
+        prepared = pm.hook.accelcore_prepare_training(
+            model=model, optimizer=optimizer, config=dataclasses.replace(cfg, features=[name]))
+        if prepared is not None:
+            model, optimizer = prepared
+    return model, optimizer
 
 
 def all_reduce_norm(model: nn.Module, world_size: int) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 
-SCHEDULERS = ("yoloxwarmcos", "warmcos", "constant")
+#: quadwarm_cos_flat: quadratic warmup, cosine to min_lr, min_lr for the no-augmentation tail
+#: (YOLOX's own schedule); warmcos: linear warmup, cosine to zero; constant.
+SCHEDULERS = ("quadwarm_cos_flat", "warmcos", "constant")
 
 
 class LRScheduler:
@@ -33,9 +35,9 @@ class LRScheduler:
             return self.lr
         if self.name == "warmcos":
             return self._warmcos(it)
-        return self._yoloxwarmcos(it)
+        return self._quadwarm_cos_flat(it)
 
-    def _yoloxwarmcos(self, it: int) -> float:
+    def _quadwarm_cos_flat(self, it: int) -> float:
         # Quadratic warmup, cosine from lr to min_lr, then min_lr constant for the no-aug tail.
         if self.warmup_iters > 0 and it <= self.warmup_iters:
             frac = it / float(self.warmup_iters)

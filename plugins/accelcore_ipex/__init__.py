@@ -1,41 +1,31 @@
-"""Intel Extension for PyTorch (IPEX) backend plugin and ``train.use_ipex`` training hook.
+"""Intel Extension for PyTorch (IPEX): four inference methods and the training feature ``ipex``.
 
 IPEX is discontinued after 2.8.0 and only works with torch 2.8.*: on any other torch, importing
 it prints "needs to work with PyTorch 2.8.*" and exits the process. So this module never imports
 it at declare time, and imports it at all only after package metadata shows a matching torch.
-In the main environment (torch 2.13) every method is declared unavailable with the reason; the
-IPEX environment (``scripts/make_ipex_env.sh``) runs them for real.
+In the main environment (torch 2.13) every method and the feature are declared unavailable with
+the reason; the IPEX environment (``scripts/make_ipex_env.sh``) runs them for real.
 
 Methods: ``fp32_ipex`` (ipex.optimize), ``bf16_ipex`` (ipex.optimize bf16 + autocast),
 ``jit_fp32_ipex`` (ipex.optimize + jit trace + freeze), ``jit_fp32_ipex_channels_last``.
+Training: ``train.features: [ipex]`` runs ``ipex.optimize(model, optimizer)`` before training
+(precision 32 or bf16); it takes no ``train.options``.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import platform
-from pathlib import Path
 from typing import Any
 
-import pluggy
-
-from accelcore.errors import BackendUnavailable
-from accelcore.inference.lazy_backend import LazyBackend
-from accelcore.interfaces import AcceleratedModel, AccelerateRequest, Declaration
-
-hookimpl = pluggy.HookimplMarker("accelcore")
+from accelcore import hookimpl
+from accelcore.backend import Backend, Method
+from accelcore.errors import BackendUnavailable, RecipeError
+from accelcore.interfaces import Declaration
+from accelcore.machine import cpu_flags, has_native
 
 IPEX_DIST = "intel-extension-for-pytorch"
-TRAINING_OPTION = "use_ipex"
-STOCK_PATH = ("use the stock-PyTorch path instead: train.compile: true + train.precision: bf16 "
-              "(or run in the IPEX environment built by scripts/make_ipex_env.sh)")
-
-METHODS: dict[str, str] = {
-    "fp32_ipex": "IPEX ipex.optimize, fp32",
-    "bf16_ipex": "IPEX ipex.optimize bf16 weights + bf16 autocast",
-    "jit_fp32_ipex": "IPEX ipex.optimize fp32 + TorchScript trace + freeze",
-    "jit_fp32_ipex_channels_last": "IPEX ipex.optimize fp32 + trace + freeze, channels_last",
-}
+FEATURE = "ipex"
 # IPEX's bf16 weight prepack asserts on these CPU features (measured: it refuses on AVX2-only).
 BF16_ISA = ({"avx512bw", "avx512vl", "avx512dq"}, {"avx_ne_convert"})
 
@@ -62,17 +52,6 @@ def ipex_status() -> str:
     return ""
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def bf16_status() -> str:
     """Why IPEX bf16 cannot run on this CPU ('' if it can)."""
     flags = cpu_flags()
@@ -89,43 +68,61 @@ def method_status(method: str) -> str:
     return reason
 
 
-BACKEND = LazyBackend(METHODS, method_status, "accelcore_ipex.backend")
+def unavailable_training(reason: str) -> str:
+    """``reason`` and what to use instead of the ``ipex`` training feature, honest about this
+    CPU's bf16."""
+    hint = ("use train.compile: true with train.precision: bf16 instead (fused kernels through "
+            "torch.compile/inductor)")
+    if "make_ipex_env.sh" not in reason:
+        hint += ", or run in the IPEX environment built by scripts/make_ipex_env.sh"
+    flags = cpu_flags()
+    if flags and not has_native("bf16", flags):  # emulated bf16 is slower than fp32
+        hint += ("; note this CPU has no bf16 hardware, so here prefer train.precision: 32 with "
+                 "train.channels_last: true (optionally train.compile: true)")
+    return f"{reason}; {hint}"
 
 
-@hookimpl
-def accelcore_declare() -> list[Declaration]:
-    decls = BACKEND.declarations()
-    reason = ipex_status()
-    decls.append(Declaration(
-        kind="backend", name=TRAINING_OPTION,
-        summary="train.use_ipex: ipex.optimize(model, optimizer) before training (fp32 or bf16)",
-        available=not reason, reason=reason))
-    return decls
+class IpexBackend(Backend):
+    methods = {
+        "fp32_ipex": Method("IPEX ipex.optimize, fp32", "fp32"),
+        "bf16_ipex": Method("IPEX ipex.optimize bf16 weights + bf16 autocast", "bf16"),
+        "jit_fp32_ipex": Method("IPEX ipex.optimize fp32 + TorchScript trace + freeze", "fp32"),
+        "jit_fp32_ipex_channels_last": Method(
+            "IPEX ipex.optimize fp32 + trace + freeze, channels_last", "fp32"),
+    }
+    packages = (IPEX_DIST,)
+    runtime = "accelcore_ipex.backend"
+
+    def unavailable(self, method: str) -> str:
+        return method_status(method)
+
+    def declarations(self) -> list[Declaration]:
+        reason = ipex_status()
+        feature = Declaration(
+            "feature", FEATURE, "ipex.optimize(model, optimizer) before training (precision 32 "
+            "or bf16)", available=not reason,
+            reason=unavailable_training(reason) if reason else "", packages=self.packages)
+        return [*super().declarations(), feature]
+
+    @hookimpl
+    def accelcore_prepare_training(self, model: Any, optimizer: Any, config: Any) -> tuple | None:
+        if FEATURE not in (getattr(config, "features", None) or ()):
+            return None
+        options = (getattr(config, "options", None) or {}).get(FEATURE)
+        if options:
+            raise RecipeError(f"train.options.{FEATURE}: the ipex feature takes no options, "
+                              f"got {sorted(options)}")
+        precision = str(getattr(config, "precision", "32"))
+        reason = ipex_status()
+        if not reason and precision not in ("32", "bf16"):
+            reason = f"IPEX trains in precision 32 or bf16, not {precision}"
+        if not reason and precision == "bf16":
+            reason = bf16_status()
+        if reason:
+            raise BackendUnavailable(f"train.features: {FEATURE}: {unavailable_training(reason)}")
+        from accelcore_ipex import backend
+
+        return backend.prepare_training(model, optimizer, precision)
 
 
-@hookimpl
-def accelcore_accelerate(method: str, model: Any,
-                         request: AccelerateRequest) -> AcceleratedModel | None:
-    return BACKEND.accelerate(method, model, request)
-
-
-@hookimpl
-def accelcore_load_artifact(method: str, folder: Path, manifest: dict) -> AcceleratedModel | None:
-    return BACKEND.load(method, folder)
-
-
-@hookimpl
-def accelcore_prepare_training(model: Any, optimizer: Any, config: Any) -> tuple | None:
-    if not getattr(config, "use_ipex", False):
-        return None
-    precision = str(getattr(config, "precision", "32"))
-    reason = ipex_status()
-    if not reason and precision not in ("32", "bf16"):
-        reason = f"IPEX trains in precision 32 or bf16, not {precision}"
-    if not reason and precision == "bf16":
-        reason = bf16_status()
-    if reason:
-        raise BackendUnavailable(f"train.use_ipex: {reason}; {STOCK_PATH}")
-    from accelcore_ipex import backend
-
-    return backend.prepare_training(model, optimizer, precision)
+plugin = IpexBackend()

@@ -1,4 +1,5 @@
-"""IPEX conversions; imported only after ``ipex_status()`` said torch and IPEX match."""
+"""IPEX conversions and training preparation; imported only after ``ipex_status()`` said
+torch and IPEX match."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from accelcore.errors import BackendUnavailable
+from accelcore.inference.export import example_input
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest
 
 EAGER_FILE = "model.pth"  # the raw-mode eager module; ipex.optimize is re-applied on load
@@ -36,14 +38,13 @@ def _optimize(ipex: Any, model: torch.nn.Module, dtype: torch.dtype, **kwargs: A
 
 def accelerate(method: str, model: torch.nn.Module,
                request: AccelerateRequest) -> AcceleratedModel:
-    height, width = request.input_size
     # Trace at batch >= 2; a frozen trace of this convolutional net runs any batch size.
-    example = torch.rand(max(2, min(request.batch_size, 4)), 3, height, width) * 255.0
+    example = example_input(request.input_size, min(request.batch_size, 4))
     eager = copy.deepcopy(model).eval()  # the caller's model stays untouched
     return _build(method, eager, example)
 
 
-def load(method: str, folder: Path) -> AcceleratedModel:
+def load(method: str, folder: Path, manifest: dict) -> AcceleratedModel:
     ipex = _ipex()  # registers IPEX's TorchScript ops before the graph is loaded
     settings = json.loads((folder / SETTINGS_JSON).read_text())
     if method.startswith("jit_"):
@@ -54,7 +55,7 @@ def load(method: str, folder: Path) -> AcceleratedModel:
                                 details={**_details(ipex, settings), "loaded_from": str(folder)})
     # Our own artifact: the pickled eager module (needs the model's plugin importable).
     eager = torch.load(folder / EAGER_FILE, weights_only=False)
-    example = torch.zeros(2, 3, *settings["input_size"])
+    example = example_input(settings["input_size"])
     built = _build(method, eager.eval(), example)
     built.details["loaded_from"] = str(folder)
     return built

@@ -18,40 +18,13 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import pluggy
 import torch
 
-from accelcore.interfaces import AcceleratedModel, AccelerateRequest, Declaration
+from accelcore.backend import Backend, Method
+from accelcore.inference.export import example_input
+from accelcore.interfaces import AcceleratedModel, AccelerateRequest
 
-hookimpl = pluggy.HookimplMarker("accelcore")
 PAYLOAD = "model.torchscript"
-
-METHODS: dict[str, tuple[str, str]] = {
-    "jit_fp32": ("fp32", "TorchScript trace + freeze (constant-folded, conv-BN fused), float32, "
-                         "channels_last"),
-    "jit_bf16": ("bf16", "TorchScript trace under bf16 autocast + freeze (casts baked in), "
-                         "channels_last"),
-}
-
-
-@hookimpl
-def accelcore_declare() -> list[Declaration]:
-    return [Declaration("backend", name, summary) for name, (_, summary) in METHODS.items()]
-
-
-def _wrap(method: str, script: torch.jit.ScriptModule, channels_last: bool) -> AcceleratedModel:
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            return script(images).float()
-
-    def save(folder: Path) -> None:
-        torch.jit.save(script, str(Path(folder) / PAYLOAD))
-
-    return AcceleratedModel(method=method, precision=METHODS[method][0], forward=forward,
-                            save=save, details={"payload": PAYLOAD,
-                                                "channels_last": channels_last})
 
 
 def trace_and_freeze(model: torch.nn.Module, example: torch.Tensor, bf16: bool = False,
@@ -69,27 +42,44 @@ def trace_and_freeze(model: torch.nn.Module, example: torch.Tensor, bf16: bool =
         return torch.jit.freeze(traced.eval())
 
 
-@hookimpl
-def accelcore_accelerate(method: str, model: Any, request: AccelerateRequest
-                         ) -> AcceleratedModel | None:
-    if method not in METHODS:
-        return None
-    from accelcore.inference.pt2e import example_input
+class JitBackend(Backend):
+    methods = {
+        "jit_fp32": Method("TorchScript trace + freeze (constant-folded, conv-BN fused), "
+                           "float32, channels_last", "fp32"),
+        "jit_bf16": Method("TorchScript trace under bf16 autocast + freeze (casts baked in), "
+                           "channels_last", "bf16"),
+    }
 
-    channels_last = bool(request.options.get("channels_last", True))
-    # Batch 2 traces as fast as batch 1 and keeps the batch size symbolic in view/reshape.
-    script = trace_and_freeze(model, example_input(request.input_size, 2),
-                              bf16=method == "jit_bf16", channels_last=channels_last)
-    return _wrap(method, script, channels_last)
+    def accelerate(self, method: str, model: Any, request: AccelerateRequest) -> AcceleratedModel:
+        channels_last = bool(request.options.get("channels_last", True))
+        # The minimum example batch traces as fast as one image and keeps the batch size
+        # symbolic in view/reshape.
+        script = trace_and_freeze(model, example_input(request.input_size),
+                                  bf16=self.methods[method].compute == "bf16",
+                                  channels_last=channels_last)
+        return self._wrap(method, script, channels_last)
+
+    def load(self, method: str, folder: Path, manifest: dict) -> AcceleratedModel:
+        path = folder / PAYLOAD
+        if not path.is_file():
+            raise FileNotFoundError(f"artifact payload missing: {path}")
+        channels_last = bool((manifest.get("details") or {}).get("channels_last", False))
+        return self._wrap(method, torch.jit.load(str(path)).eval(), channels_last)
+
+    def _wrap(self, method: str, script: torch.jit.ScriptModule,
+              channels_last: bool) -> AcceleratedModel:
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                return script(images).float()
+
+        def save(folder: Path) -> None:
+            torch.jit.save(script, str(Path(folder) / PAYLOAD))
+
+        return AcceleratedModel(method=method, precision=self.methods[method].compute,
+                                forward=forward, save=save,
+                                details={"payload": PAYLOAD, "channels_last": channels_last})
 
 
-@hookimpl
-def accelcore_load_artifact(method: str, folder: Path, manifest: dict
-                            ) -> AcceleratedModel | None:
-    if method not in METHODS:
-        return None
-    path = Path(folder) / PAYLOAD
-    if not path.is_file():
-        raise FileNotFoundError(f"artifact payload missing: {path}")
-    channels_last = bool((manifest.get("details") or {}).get("channels_last", False))
-    return _wrap(method, torch.jit.load(str(path)).eval(), channels_last)
+plugin = JitBackend()

@@ -20,8 +20,6 @@ from accelcore.inference.export import INPUT_NAME, OUTPUT_NAME, export_onnx, exp
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest
 
 MODEL_FILE = "model.onnx"
-PRECISIONS = {"onnxruntime_fp32": "fp32", "onnxruntime_int8_qlinear": "int8",
-              "onnxruntime_int8_integer": "int8"}
 
 
 def accelerate(method: str, model: torch.nn.Module,
@@ -56,7 +54,7 @@ def accelerate(method: str, model: torch.nn.Module,
     return _build(method, data, details)
 
 
-def load(method: str, folder: Path) -> AcceleratedModel:
+def load(method: str, folder: Path, manifest: dict) -> AcceleratedModel:
     data = (folder / MODEL_FILE).read_bytes()
     return _build(method, data, {"loaded_from": str(folder)})
 
@@ -183,6 +181,8 @@ def _session(data: bytes) -> ort.InferenceSession:
 
 
 def _build(method: str, data: bytes, details: dict) -> AcceleratedModel:
+    from accelcore_onnxruntime import OnnxRuntimeBackend
+
     session = _session(data)
     ops = Counter(node.op_type for node in onnx.load_from_string(data).graph.node)
     conv_ops = {op: n for op, n in ops.items() if "Conv" in op or "MatMul" in op}
@@ -200,5 +200,6 @@ def _build(method: str, data: bytes, details: dict) -> AcceleratedModel:
 
     info = {**details, "onnxruntime": ort.__version__, "conv_ops": conv_ops,
             "threads": torch.get_num_threads(), "model_bytes": len(data)}
-    return AcceleratedModel(method=method, precision=PRECISIONS[method], forward=forward,
-                            save=save, details=info)
+    precision = OnnxRuntimeBackend.methods[method].compute
+    return AcceleratedModel(method=method, precision=precision, forward=forward, save=save,
+                            details=info)

@@ -14,51 +14,32 @@ Options read from ``AccelerateRequest.options``:
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-import pluggy
-
-from accelcore.inference.lazy_backend import LazyBackend
-from accelcore.interfaces import AcceleratedModel, AccelerateRequest, Declaration
-
-hookimpl = pluggy.HookimplMarker("accelcore")
-
-#: method -> (OpenVINO INFERENCE_PRECISION_HINT, summary)
-METHODS: dict[str, tuple[str, str]] = {
-    "openvino_fp32": ("f32", "OpenVINO CPU runtime, INFERENCE_PRECISION_HINT=f32 set explicitly"),
-    "openvino_bf16": ("bf16", "OpenVINO CPU runtime, INFERENCE_PRECISION_HINT=bf16 (needs a "
-                              "CPU with native bf16; otherwise OpenVINO runs f32, see details)"),
-    "openvino_int8": ("f32", "OpenVINO + NNCF post-training int8 (mixed preset, calibrated on "
-                             "real images); non-quantized ops in f32"),
-}
+from accelcore.backend import Backend, Method
 
 
-def _missing(method: str) -> str:
-    """Why ``method`` cannot run here ('' if it can), from package presence only."""
-    if importlib.util.find_spec("openvino") is None:
-        return "openvino not installed (pip install 'accelcore[openvino]')"
-    if method == "openvino_int8" and importlib.util.find_spec("nncf") is None:
-        return "nncf not installed (pip install 'accelcore[openvino]')"
-    return ""
+@dataclass(frozen=True)
+class OpenVINOMethod(Method):
+    hint: str = "f32"  # INFERENCE_PRECISION_HINT
 
 
-BACKEND = LazyBackend({m: s for m, (_, s) in METHODS.items()}, _missing,
-                      "accelcore_openvino.backend")
+class OpenVINOBackend(Backend):
+    methods = {
+        "openvino_fp32": OpenVINOMethod(
+            "OpenVINO CPU runtime, INFERENCE_PRECISION_HINT=f32 set explicitly", "fp32",
+            hint="f32"),
+        "openvino_bf16": OpenVINOMethod(
+            "OpenVINO CPU runtime, INFERENCE_PRECISION_HINT=bf16 (needs a CPU with native "
+            "bf16; otherwise OpenVINO runs f32, see details)", "bf16", hint="bf16"),
+        "openvino_int8": OpenVINOMethod(
+            "OpenVINO + NNCF post-training int8 (mixed preset, calibrated on real images); "
+            "non-quantized ops in f32", "int8", requires=("nncf",), hint="f32"),
+    }
+    requires = ("openvino",)
+    install = "pip install 'accelcore[openvino]'"
+    packages = ("openvino", "nncf")
+    runtime = "accelcore_openvino.backend"
 
 
-@hookimpl
-def accelcore_declare() -> list[Declaration]:
-    return BACKEND.declarations()
-
-
-@hookimpl
-def accelcore_accelerate(method: str, model: Any,
-                         request: AccelerateRequest) -> AcceleratedModel | None:
-    return BACKEND.accelerate(method, model, request)
-
-
-@hookimpl
-def accelcore_load_artifact(method: str, folder: Path, manifest: dict) -> AcceleratedModel | None:
-    return BACKEND.load(method, folder)
+plugin = OpenVINOBackend()

@@ -6,34 +6,21 @@ Each precision is one small class (one file each); the loop drives it through th
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from accelcore import hookimpl
 from accelcore.interfaces import Declaration, Precision
+from accelcore.machine import has_native
 
 __version__ = "0.1.0"
 
 NAMES = ("64", "32", "16", "bf16")
 
 
-def _cpu_flags() -> set[str]:
-    # /proc/cpuinfo is cheap to read and needs no heavy import (declare must stay cheap).
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _low_precision_note(kind: str) -> str:
-    flags = _cpu_flags()
     if kind == "bf16":
-        native = flags & {"avx512_bf16", "amx_bf16"}
-        return "native (AVX512-BF16/AMX)" if native else "emulated: no AVX512-BF16/AMX here (slow)"
-    native = flags & {"avx512_fp16", "amx_fp16"}
-    return "native (AVX512-FP16/AMX-FP16)" if native else "emulated: no AVX512-FP16/AMX-FP16 here"
+        return ("native (AVX512-BF16/AMX)" if has_native("bf16")
+                else "emulated: no AVX512-BF16/AMX here (slow)")
+    return ("native (AVX512-FP16/AMX-FP16)" if has_native("fp16")
+            else "emulated: no AVX512-FP16/AMX-FP16 here")
 
 
 @hookimpl

@@ -58,6 +58,37 @@ def method_table(methods: list[dict]) -> str:
     return "\n".join(lines)
 
 
+REFERENCE_COLUMNS = (("name", "reference", "{}"), ("status", "status", "{}"),
+                     ("latency_ms", "latency ms", "{:.1f}"), ("img_per_s", "img/s", "{:.1f}"),
+                     ("speedup", "speed-up", "{:.2f}x"), ("ap50_95", "AP50:95", "{:.4f}"),
+                     ("ap50", "AP50", "{:.4f}"), ("precision", "precision", "{}"),
+                     ("runtime", "runtime", "{}"))
+
+
+def reference_table(references: list[dict]) -> str:
+    """The plain-runtime reference rows as a Markdown table, their settings in the note."""
+    head = "| " + " | ".join(title for _, title, _ in REFERENCE_COLUMNS) + " | settings / note |"
+    lines = [head, "|" + "---|" * (len(REFERENCE_COLUMNS) + 1)]
+    for row in references:
+        cells = [_fmt(row.get(key), pattern) for key, _, pattern in REFERENCE_COLUMNS]
+        settings = row.get("settings") or {}
+        shown = ", ".join(f"{k}={v}" for k, v in settings.items()
+                          if isinstance(v, (str, int, float, bool)))
+        note = (row.get("reason") or shown).replace("|", "/")
+        lines.append("| " + " | ".join(cells) + f" | {note} |")
+    return "\n".join(lines)
+
+
+def lead_line(lead: dict) -> str:
+    if not lead or lead.get("ratio") is None:
+        why = "no reference met the accuracy criterion" if lead and lead.get("selected") else (
+            "no method was selected")
+        return f"**Lead over the plain runtimes:** none measured ({why})"
+    return (f"**Lead over the plain runtimes:** `{lead['selected']}` "
+            f"{lead['selected_latency_ms']:.1f} ms vs best reference `{lead['best_reference']}` "
+            f"{lead['best_reference_latency_ms']:.1f} ms = **{lead['ratio']:.2f}x**")
+
+
 def render_markdown(results: dict) -> str:
     """The whole report as Markdown."""
     out = [f"# accelcore report: {results.get('recipe', 'run')}", ""]
@@ -73,6 +104,12 @@ def render_markdown(results: dict) -> str:
                    + (f" (criterion: {crit.get('metric')} {crit.get('kind')} max drop "
                       f"{crit.get('max_drop')})" if crit else ""))
         out.append("")
+        references = results.get("references") or []
+        if references:
+            out += ["## Plain runtimes, same run (references)", "",
+                    "What a user gets from each runtime used directly as its documentation "
+                    "says; measured with the same batch, images and evaluation.", "",
+                    reference_table(references), "", lead_line(results.get("lead") or {}), ""]
         summaries = [f"- `{m['method']}`: {m['summary']}" for m in methods if m.get("summary")]
         if summaries:
             out += ["## Methods", *summaries, ""]
@@ -88,39 +125,102 @@ def render_markdown(results: dict) -> str:
         flags = ", ".join(f for f, on in (machine.get("flags") or {}).items() if on) or "-"
         out += ["## Machine", f"- CPU: {machine.get('cpu')} ({machine.get('logical_cores')} "
                 f"logical cores, {machine.get('accelerate_threads', '?')} threads used)",
-                f"- ISA flags: {flags}", ""]
+                f"- ISA flags: {flags}"]
+        support = machine.get("precision_support")
+        if support:
+            out.append("- precisions: " + ", ".join(f"{k} {v}" for k, v in support.items()))
+        setup = results.get("runtime_setup")
+        if setup:
+            out.append(f"- runtime setup of every method process: {setup}")
+        out.append("")
     vers = results.get("versions")
     if vers:
         out += ["## Versions", ", ".join(f"{k} {v}" for k, v in vers.items()), ""]
     return "\n".join(out)
 
 
+def _spread_labels(points: list[tuple[float, float]], min_gap: float) -> list[float]:
+    """Label y positions (axis fraction units) that keep labels of nearby points apart:
+    points are taken bottom-up, and a label moves up until it is ``min_gap`` away from every
+    label already placed near its x (several fp32 methods sit on the same AP)."""
+    placed: list[tuple[float, float]] = []
+    out = [0.0] * len(points)
+    for i in sorted(range(len(points)), key=lambda k: (points[k][1], points[k][0])):
+        x, y = points[i]
+        label_y = y
+        while any(abs(px - x) < 0.18 and abs(py - label_y) < min_gap for px, py in placed):
+            label_y += min_gap
+        placed.append((x, label_y))
+        out[i] = label_y
+    return out
+
+
 def write_png(results: dict, path: Path) -> Path | None:
-    """Speed-up (x) vs AP50:95 (y) scatter of the methods that ran; None if none did."""
+    """Speed-up (x, log) vs AP50:95 (y): methods as dots, the selected one as a star, the
+    plain-runtime references as diamonds, the accuracy budget as a band below `original`."""
     rows = [m for m in results.get("methods") or []
             if m.get("status") == "ok" and m.get("speedup") and m.get("ap50_95") is not None]
+    refs = [r for r in results.get("references") or []
+            if r.get("status") == "ok" and r.get("speedup") and r.get("ap50_95") is not None]
     if not rows:
         return None
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
     try:
-        for row in rows:
-            chosen = row["method"] == results.get("selected")
-            ax.scatter(row["speedup"], row["ap50_95"], s=60 if chosen else 30,
-                       marker="*" if chosen else "o", zorder=3)
-            ax.annotate(row["method"], (row["speedup"], row["ap50_95"]),
-                        textcoords="offset points", xytext=(5, 4), fontsize=8)
+        points = [(r["speedup"], r["ap50_95"], r["method"], "method") for r in rows]
+        points += [(r["speedup"], r["ap50_95"], r["name"], "reference") for r in refs]
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        base = next((r for r in rows if r["method"] == "original"), None)
+        crit = results.get("accuracy_criterion") or {}
+        if base is not None and crit.get("metric") == "ap50_95" and crit.get("max_drop"):
+            drop = (crit["max_drop"] / 100.0 if crit.get("kind") == "absolute"
+                    else base["ap50_95"] * crit["max_drop"])
+            ax.axhspan(base["ap50_95"] - drop, base["ap50_95"], color="tab:green", alpha=0.12,
+                       zorder=0, label=f"accuracy budget ({crit['max_drop']} "
+                       f"{'AP points' if crit.get('kind') == 'absolute' else 'relative'})")
+            ys += [base["ap50_95"] - drop]
+        ax.set_xscale("log")
+        ax.set_xlim(min(xs) / 1.3, max(xs) * 1.9)  # room for the labels right of the points
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        span = max(ys) - min(ys) or 0.01
+        ax.set_ylim(min(ys) - 0.08 * span, max(ys) + 0.35 * span)
+        # Labels are spread in axis units so they stay apart whatever the AP range is.
+        gap = 0.045 * (ax.get_ylim()[1] - ax.get_ylim()[0])
+        log_x = [math.log10(x) / max(1e-9, math.log10(max(xs) / min(xs)) or 1.0) for x in xs]
+        label_y = _spread_labels([(lx, y) for lx, y in zip(log_x, ys, strict=False)], gap)
+        for (x, y, name, kind), ly in zip(points, label_y, strict=False):
+            chosen = kind == "method" and name == results.get("selected")
+            if kind == "reference":
+                ax.scatter(x, y, s=55, marker="D", facecolors="none", edgecolors="black",
+                           zorder=4)
+            else:
+                ax.scatter(x, y, s=140 if chosen else 30, marker="*" if chosen else "o",
+                           color="tab:red" if chosen else "tab:blue", zorder=3)
+            ax.annotate(name, (x, y), xytext=(x, ly), textcoords="data", fontsize=7,
+                        xycoords="data", ha="left", va="bottom",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"}
+                        if abs(ly - y) > 1e-9 else None)
+        ax.scatter([], [], marker="D", facecolors="none", edgecolors="black",
+                   label="plain runtime (reference)")
+        ax.scatter([], [], marker="*", color="tab:red", s=100, label="selected")
         ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("speed-up vs original (median latency)")
+        ax.set_xlabel("speed-up vs original (median latency, log scale)")
         ax.set_ylabel("COCO AP50:95")
         size = results.get("input_size") or ["?", "?"]
-        ax.set_title(f"batch {results.get('batch_size')}, {size[0]}x{size[1]}"
-                     f" — selected: {results.get('selected') or 'none'}")
-        ax.grid(True, alpha=0.3)
+        lead = (results.get("lead") or {}).get("ratio")
+        lead_txt = f", lead over best reference {lead:.2f}x" if lead else ""
+        cpu = (results.get("machine") or {}).get("cpu", "")
+        ax.set_title(f"{cpu}\nbatch {results.get('batch_size')}, {size[0]}x{size[1]} — "
+                     f"selected: {results.get('selected') or 'none'}{lead_txt}", fontsize=9)
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="upper left")
         fig.tight_layout()
         fig.savefig(path)
     finally:

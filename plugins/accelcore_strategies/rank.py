@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accelcore.runtime import loaded_allocator
+from accelcore.runtime import apply_inherited_setup, loaded_allocator
 from accelcore_strategies.cores import bind_to_cores
 from accelcore_strategies.failures import write_failure
 from accelcore_strategies.rendezvous import Rendezvous, destroy_process_group, init_process_group
@@ -40,6 +40,7 @@ class WorkerSpec:
 def run_rank(spec: WorkerSpec, rank: int, local_rank: int | None = None) -> Any:
     """Pin, join the group, run ``spec.fn(rank, world_size)``, leave; failures are recorded."""
     local_rank = rank if local_rank is None else local_rank
+    apply_inherited_setup()  # the launcher's allocator tuning, in force before any work
     if spec.parent_pid is not None:
         _die_with_parent(spec.parent_pid)
     try:

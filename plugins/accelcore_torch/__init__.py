@@ -6,57 +6,46 @@ loading re-applies the method's autocast / memory format, exactly as during meas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pluggy
-
-from accelcore.interfaces import AcceleratedModel, AccelerateRequest, Declaration
-
-hookimpl = pluggy.HookimplMarker("accelcore")
-
-# method -> (precision, bf16 autocast, channels_last, summary)
-METHODS: dict[str, tuple[str, bool, bool, str]] = {
-    "original": ("fp32", False, False, "eager PyTorch, float32 (the baseline)"),
-    "bf16": ("bf16", True, False,
-             "eager PyTorch under bf16 autocast (fp32 weights, convs/matmuls in bf16)"),
-    "bf16_channels_last": ("bf16", True, True,
-                           "eager bf16 autocast with channels_last (NHWC) weights and input"),
-}
+from accelcore.backend import Backend, Method
+from accelcore.interfaces import AcceleratedModel, AccelerateRequest
 
 
-@hookimpl
-def accelcore_declare() -> list[Declaration]:
-    return [Declaration("backend", name, summary) for name, (_, _, _, summary) in METHODS.items()]
+@dataclass(frozen=True)
+class EagerMethod(Method):
+    channels_last: bool = False
 
 
-def _build(method: str, module: Any, input_size: Any) -> AcceleratedModel:
-    from accelcore.inference.pt2e import eager_forward, example_input, save_program
+class TorchBackend(Backend):
+    methods = {
+        "original": EagerMethod("eager PyTorch, float32 (the baseline)", "fp32"),
+        "bf16": EagerMethod("eager PyTorch under bf16 autocast (fp32 weights, convs/matmuls in "
+                            "bf16)", "bf16"),
+        "bf16_channels_last": EagerMethod("eager bf16 autocast with channels_last (NHWC) weights "
+                                          "and input", "bf16", channels_last=True),
+    }
 
-    precision, bf16, channels_last, summary = METHODS[method]
+    def accelerate(self, method: str, model: Any, request: AccelerateRequest) -> AcceleratedModel:
+        return self._build(method, model, request.input_size)
 
-    def save(folder: Path) -> None:
-        save_program(module, example_input(input_size), folder)
+    def load(self, method: str, folder: Path, manifest: dict) -> AcceleratedModel:
+        from accelcore.inference.pt2e import load_program
 
-    return AcceleratedModel(
-        method=method, precision=precision,
-        forward=eager_forward(module, bf16=bf16, channels_last=channels_last), save=save,
-        details={"autocast": "bf16" if bf16 else None, "channels_last": channels_last})
+        return self._build(method, load_program(folder), manifest["input_size"])
+
+    def _build(self, method: str, module: Any, input_size: Any) -> AcceleratedModel:
+        from accelcore.inference.pt2e import eager_forward, program_saver
+
+        row = self.methods[method]
+        bf16 = row.compute == "bf16"
+        return AcceleratedModel(
+            method=method, precision=row.compute,
+            forward=eager_forward(module, bf16=bf16, channels_last=row.channels_last),
+            save=program_saver(module, input_size),
+            details={"autocast": "bf16" if bf16 else None, "channels_last": row.channels_last})
 
 
-@hookimpl
-def accelcore_accelerate(method: str, model: Any, request: AccelerateRequest
-                         ) -> AcceleratedModel | None:
-    if method not in METHODS:
-        return None
-    return _build(method, model, request.input_size)
-
-
-@hookimpl
-def accelcore_load_artifact(method: str, folder: Path, manifest: dict
-                            ) -> AcceleratedModel | None:
-    if method not in METHODS:
-        return None
-    from accelcore.inference.pt2e import load_program
-
-    return _build(method, load_program(folder), manifest["input_size"])
+plugin = TorchBackend()

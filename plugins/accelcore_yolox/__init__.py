@@ -22,6 +22,9 @@ from .models import YOLOX
 from .postprocess import decode_outputs
 from .zoo import CUSTOM_NAME, CUSTOM_SUMMARY, MODEL_NAMES, SPECS, build_yolox
 
+#: What a recipe without model.name trains: the smallest model, the one CPUs train in minutes.
+DEFAULT_MODEL = "yolox_nano"
+
 hookimpl = pluggy.HookimplMarker("accelcore")
 
 __all__ = [
@@ -41,6 +44,7 @@ def accelcore_declare() -> list[Declaration]:
             kind="model",
             name=name,
             summary=f"{s.summary} ({s.params_m}M params, {s.gflops} GFLOPs)",
+            default=name == DEFAULT_MODEL,
         )
         for name, s in SPECS.items()
     ]
@@ -53,12 +57,17 @@ def _build(config: Any) -> YOLOX:
     num_classes = getattr(config, "num_classes", None)
     num_classes = 80 if num_classes is None else int(num_classes)
     input_size = getattr(config, "input_size", None)
-    depth = getattr(config, "depth", None)
-    width = getattr(config, "width", None)
-    depthwise = getattr(config, "depthwise", None)
+    options = dict(getattr(config, "options", None) or {})
+    unknown = sorted(set(options) - {"depth", "width", "depthwise"})
+    if unknown:
+        raise RecipeError(f"model.options: unknown option(s) {', '.join(unknown)} for "
+                          f"model '{name}'; allowed: depth, width, depthwise")
+    depth, width = options.get("depth"), options.get("width")
+    depthwise = options.get("depthwise")
     if name == CUSTOM_NAME:
         if depth is None or width is None:
-            raise RecipeError(f"model '{CUSTOM_NAME}' needs model.depth and model.width")
+            raise RecipeError(f"model '{CUSTOM_NAME}' needs model.options.depth and "
+                              "model.options.width")
         return build_yolox(
             name,
             float(depth),
@@ -76,7 +85,7 @@ def _build(config: Any) -> YOLOX:
     ):
         if given is not None and given != fixed:
             raise RecipeError(
-                f"model '{name}' has {key}={fixed}, recipe sets model.{key}={given}; "
+                f"model '{name}' has {key}={fixed}, recipe sets model.options.{key}={given}; "
                 f"use name '{CUSTOM_NAME}' for custom sizes"
             )
     return build_yolox(

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from accelcore.errors import RecipeError
 from accelcore.interfaces import Declaration
+from accelcore.runtime import RuntimeSetup
 
 #: A converter turns a recipe value into the launcher's argument, or raises ValueError saying
 #: what it expected.
@@ -53,12 +54,15 @@ class Launcher(ABC):
     description: ClassVar[str]
     options: ClassVar[dict[str, Converter]] = {}  # train.options.<name>.<key> -> converter
 
-    def __init__(self, nprocs: int, *, allocator: str = "default",
+    def __init__(self, nprocs: int, *, allocator: str = "default", malloc_tuning: bool = True,
                  global_batch: int | None = None) -> None:
         if nprocs < 1:
             raise ValueError(f"nprocs must be >= 1, got {nprocs}")
         self.nprocs = nprocs
         self.allocator = allocator
+        # Every worker starts under the project's one runtime setup; threads are sized per
+        # rank by core pinning, not here.
+        self.runtime = RuntimeSetup(allocator=allocator, malloc_tuning=malloc_tuning)
         self.global_batch = global_batch  # only for the start-up line
 
     @classmethod
@@ -76,6 +80,7 @@ class Launcher(ABC):
     def from_recipe(cls, nprocs: int, recipe: Any) -> Launcher:
         """The launcher for ``recipe``: its allocator and its ``train.options.<name>``."""
         return cls(nprocs, allocator=recipe.train.allocator,
+                   malloc_tuning=recipe.train.malloc_tuning,
                    global_batch=recipe.train.batch_size, **read_options(cls, recipe))
 
     @abstractmethod

@@ -10,19 +10,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pickle
 import shutil
 import tempfile
 from abc import abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from accelcore.errors import RecipeError
-from accelcore.runtime import allocator_env
 from accelcore_strategies.cores import plan_cores
 from accelcore_strategies.failures import DistributedError, RankFailure, root_cause
 from accelcore_strategies.launchers.base import Launcher, port_number, positive_number
@@ -65,12 +63,14 @@ class LocalLauncher(Launcher):
     options = {"port": port_number, "timeout_s": positive_number}
 
     def __init__(self, nprocs: int, *, allocator: str = "default",
-                 global_batch: int | None = None, port: int | None = None,
+                 malloc_tuning: bool = True, global_batch: int | None = None,
+                 port: int | None = None,
                  addr: str = LOOPBACK, timeout_s: float = DEFAULT_TIMEOUT_S,
                  bind_cores: bool = True, poll_s: float = 0.1, grace_s: float = 3.0,
                  port_attempts: int = 3) -> None:
-        super().__init__(nprocs, allocator=allocator, global_batch=global_batch)
-        self.env = allocator_env(allocator)  # fails here, before any process starts
+        super().__init__(nprocs, allocator=allocator, malloc_tuning=malloc_tuning,
+                         global_batch=global_batch)
+        self.env = self.runtime.env()  # fails here, before any process starts
         self.addr = addr
         self.port = port if port is not None else port_from_environment()
         self.timeout_s = timeout_s
@@ -124,20 +124,6 @@ class LocalLauncher(Launcher):
         others = f"; stopped the other {stopped} rank(s)" if stopped else ""
         raise DistributedError(f"strategy '{self.name}': rank {cause.rank} failed: "
                                f"{cause.cause}{others}", cause)
-
-    @contextlib.contextmanager
-    def _environment(self) -> Iterator[None]:
-        """Temporarily export the worker environment (for start methods that inherit it)."""
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def _read_result(comm_dir: str) -> Any:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from accelcore.errors import one_line
-from accelcore.runtime import allocator_env
 from accelcore_strategies.cores import plan_cores
 from accelcore_strategies.failures import DistributedError, RankFailure, is_peer_loss, root_cause
 from accelcore_strategies.launchers.base import Launcher, positive_int, positive_number, text
@@ -40,11 +39,13 @@ class RayLauncher(Launcher):
                "storage_path": text}
 
     def __init__(self, nprocs: int, *, allocator: str = "default",
-                 global_batch: int | None = None, address: str | None = None,
+                 malloc_tuning: bool = True, global_batch: int | None = None,
+                 address: str | None = None,
                  cpus_per_worker: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  storage_path: str | None = None) -> None:
-        super().__init__(nprocs, allocator=allocator, global_batch=global_batch)
-        self.env = allocator_env(allocator)  # clear error before Ray starts; path must exist
+        super().__init__(nprocs, allocator=allocator, malloc_tuning=malloc_tuning,
+                         global_batch=global_batch)
+        self.env = self.runtime.env()  # clear error before Ray starts; path must exist
         self.address = address
         self.cpus_per_worker = cpus_per_worker
         self.timeout_s = timeout_s

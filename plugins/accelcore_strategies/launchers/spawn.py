@@ -34,7 +34,7 @@ class SpawnLauncher(LocalLauncher):
         from torch.multiprocessing.spawn import ProcessException
 
         below = Descendants()
-        with self._environment():
+        with self.runtime.exported():
             context = tmp.start_processes(_spawn_entry, args=(spec,), nprocs=self.nprocs,
                                           join=False, start_method="spawn")
         pids = [p.pid for p in context.processes]

@@ -1,4 +1,4 @@
-"""Shared helpers for the inference/backend tests (no tests here).
+"""Shared helpers for the inference/backend tests (a helper module: no tests here).
 
 Backends are tested on ``yolox_nano`` (3 classes) at a small input when the YOLOX plugin is
 importable, else on a tiny conv net with the same raw-output contract.
@@ -9,16 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pluggy
 import torch
 from torch import nn
 
+from accelcore import hookimpl
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest, Declaration
 
 SIZE = (96, 96)
 BATCH = 2
 NUM_CLASSES = 3
-hookimpl = pluggy.HookimplMarker("accelcore")
 
 
 class TinyRawNet(nn.Module):
