@@ -41,6 +41,18 @@ class Method:
     requires: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Reference(Method):
+    """A plain-runtime baseline row: the runtime used directly, as its documentation says,
+    measured beside the accelerated methods (declaration kind ``"reference"``).
+
+    ``stock_runtime``: measure it under the stock process setup (no allocator tuning) — what a
+    user has before installing accelcore — instead of the project's tuned one.
+    """
+
+    stock_runtime: bool = False
+
+
 def module_missing(module: str) -> bool:
     """True if ``module`` cannot be imported (found by spec only; nothing is imported but the
     parents of a dotted name)."""
@@ -55,6 +67,8 @@ class Backend:
 
     #: method name -> its table row
     methods: ClassVar[dict[str, Method]] = {}
+    #: reference name -> its row (plain-runtime baselines; built by ``reference``)
+    references: ClassVar[dict[str, Reference]] = {}
     #: modules every method needs (checked with find_spec at declare time)
     requires: ClassVar[tuple[str, ...]] = ()
     #: how to get a missing module, shown in the reason: e.g. "pip install 'accelcore[onnx]'"
@@ -68,7 +82,8 @@ class Backend:
     # -- what a subclass may override
     def unavailable(self, method: str) -> str:
         """Why ``method`` cannot run here ('' if it can); must stay cheap (no heavy imports)."""
-        for module in (*self.requires, *self.methods[method].requires):
+        row = self.methods.get(method) or self.references[method]
+        for module in (*self.requires, *row.requires):
             if module_missing(module):
                 hint = f" ({self.install})" if self.install else ""
                 return f"{module} not installed{hint}"
@@ -82,6 +97,11 @@ class Backend:
             out.append(Declaration("backend", name, method.summary, available=not reason,
                                    reason=reason, compute=method.compute,
                                    packages=self.packages))
+        for name, ref in self.references.items():
+            reason = self.unavailable(name)
+            out.append(Declaration("reference", name, ref.summary, available=not reason,
+                                   reason=reason, compute=ref.compute, packages=self.packages,
+                                   stock_runtime=ref.stock_runtime))
         return out
 
     def accelerate(self, method: str, model: Any, request: AccelerateRequest) -> AcceleratedModel:
@@ -92,6 +112,10 @@ class Backend:
         """Rebuild ``method``'s forward from an artifact folder written by its ``save``."""
         return self._runtime_module().load(method, folder, manifest)
 
+    def reference(self, name: str, model: Any, request: AccelerateRequest) -> AcceleratedModel:
+        """Build reference ``name`` from ``model`` (same contract as ``accelerate``)."""
+        return self._runtime_module().reference(name, model, request)
+
     # -- the hooks (pluggy registers bound methods of the plugin object)
     @hookimpl
     def accelcore_declare(self) -> list[Declaration]:
@@ -100,6 +124,9 @@ class Backend:
     @hookimpl
     def accelcore_accelerate(self, method: str, model: Any,
                              request: AccelerateRequest) -> AcceleratedModel | None:
+        if method in self.references:
+            self._check(method)
+            return self.reference(method, model, request)
         if method not in self.methods:
             return None
         self._check(method)

@@ -73,7 +73,7 @@ def handle_train(args: argparse.Namespace) -> int:
     _print_rows(f"{'config':<16} {'mode':<8}", "vs fp32", rows,
                 lambda r: f"{r['config']:<16} {r['mode']:<8}", "unavailable")
     if args.profile:
-        first = next((c for c in args.configs if "compile" not in c and c != "ipex"), "fp32")
+        first = next((c for c in args.configs if "compile" not in c and "+" not in c), "fp32")
         prof = profile_train(recipe, first, args.iters, args.warmup)
         step = prof["step"]
         print(f"\nprofile ({first}, e2e, batch {int(prof['batch'])}): median step "

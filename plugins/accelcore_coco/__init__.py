@@ -12,11 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pluggy
-
+from accelcore import hookimpl
 from accelcore.interfaces import Declaration
-
-hookimpl = pluggy.HookimplMarker("accelcore")
 
 DEFAULT_SYNTHETIC_CACHE = Path("~/.cache/accelcore/synthetic")
 _SPLITS = ("train", "val")

@@ -14,7 +14,7 @@ ONNX Runtime and onnx are imported in :mod:`accelcore_onnxruntime.backend`, on f
 
 from __future__ import annotations
 
-from accelcore.backend import Backend, Method
+from accelcore.backend import Backend, Method, Reference
 
 
 class OnnxRuntimeBackend(Backend):
@@ -27,6 +27,11 @@ class OnnxRuntimeBackend(Backend):
         "onnxruntime_int8_integer": Method(
             "ONNX Runtime dynamic int8 (ConvInteger/MatMulInteger), activation ranges computed "
             "per batch", "int8"),
+    }
+    references = {
+        "onnxruntime_plain_int8": Reference(
+            "ONNX Runtime used directly: quant_pre_process + quantize_static with its defaults "
+            "on the same calibration images, default session options", "int8"),
     }
     # onnxscript (dynamo exporter) is optional: without it the export falls back to legacy.
     requires = ("onnxruntime", "onnx")

@@ -156,6 +156,41 @@ def output_tail(path: Path) -> list[str]:
     return names
 
 
+def reference(name: str, model: torch.nn.Module, request: AccelerateRequest) -> AcceleratedModel:
+    """``onnxruntime_plain_int8``: ONNX Runtime used as its quantization guide says — the same
+    ONNX export, ``quant_pre_process``, ``quantize_static`` with every default (QDQ format,
+    int8 activations and weights, MinMax calibration on the same images), and a session with
+    default options. None of accelcore's choices (U8S8 QOperator, fp32 output convs, threads)."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    if request.calibration is None:
+        raise BackendUnavailable(f"{name}: needs calibration data")
+    with tempfile.TemporaryDirectory(prefix="accelcore-ort-plain-") as tmp_name:
+        tmp = Path(tmp_name)
+        fp32 = export_onnx(model, tmp / "fp32.onnx", tuple(request.input_size), batch_size=2,
+                           dynamic_batch=True)
+        prepared = _preprocess(fp32, tmp)
+        reader = _Reader(request.calibration())
+        CalibrationDataReader.register(_Reader)
+        out = tmp / "int8.onnx"
+        with _cwd(tmp):
+            quantize_static(str(prepared), str(out), reader)
+        data = out.read_bytes()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    ops = Counter(node.op_type for node in onnx.load_from_string(data).graph.node)
+
+    def forward(images: Any) -> torch.Tensor:
+        x = np.ascontiguousarray(images.numpy(), dtype=np.float32)
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x})[0])
+
+    settings = {"quantize_static": "defaults (QDQ, QInt8/QInt8, MinMax)",
+                "calibration_images": reader.images, "session_options": "defaults",
+                "quantized_ops": {op: n for op, n in ops.items() if op in (
+                    "QuantizeLinear", "DequantizeLinear")},
+                "onnxruntime": ort.__version__}
+    return AcceleratedModel(method=name, precision="int8", forward=forward, details=settings)
+
+
 def _quantize_dynamic(prepared: Path, tmp: Path, reduce_range: bool) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

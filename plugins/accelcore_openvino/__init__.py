@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from accelcore.backend import Backend, Method
+from accelcore.backend import Backend, Method, Reference
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,15 @@ class OpenVINOBackend(Backend):
         "openvino_int8": OpenVINOMethod(
             "OpenVINO + NNCF post-training int8 (mixed preset, calibrated on real images); "
             "non-quantized ops in f32", "int8", requires=("nncf",), hint="f32"),
+    }
+    references = {
+        "openvino_plain_int8": Reference(
+            "OpenVINO used directly: convert_model, nncf.quantize with its defaults on the same "
+            "calibration images, THROUGHPUT hint, parallel infer requests (benchmark_app's way)",
+            "int8", requires=("nncf",)),
+        "openvino_plain_default": Reference(
+            "OpenVINO used directly: convert_model, OpenVINO's default precision, THROUGHPUT "
+            "hint, parallel infer requests", "fp32"),
     }
     requires = ("openvino",)
     install = "pip install 'accelcore[openvino]'"

@@ -60,6 +60,13 @@ def load(method: str, folder: Path, manifest: dict) -> AcceleratedModel:
     return _build(method, ov_model, settings, {"loaded_from": str(folder)})
 
 
+def reference(name: str, model: torch.nn.Module, request: AccelerateRequest) -> AcceleratedModel:
+    """The plain-OpenVINO reference rows (:mod:`accelcore_openvino.reference`)."""
+    from accelcore_openvino.reference import build
+
+    return build(name, model, request, quantize=name == "openvino_plain_int8")
+
+
 def to_openvino(model: torch.nn.Module, example: torch.Tensor,
                 dynamic_batch: bool = True) -> Any:
     """Convert a raw-output torch model to an ``openvino.Model`` (direct from torch, no ONNX).

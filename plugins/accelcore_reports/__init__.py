@@ -12,11 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pluggy
-
+from accelcore import hookimpl
 from accelcore.interfaces import Declaration
-
-hookimpl = pluggy.HookimplMarker("accelcore")
 
 COLUMNS = (("method", "method", "{}"), ("status", "status", "{}"),
            ("latency_ms", "latency ms", "{:.1f}"), ("p10_ms", "p10", "{:.1f}"),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accelcore.backend import Backend, Method
+from accelcore.backend import Backend, Method, Reference
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest
 
 
@@ -28,8 +28,24 @@ class TorchBackend(Backend):
                                           "and input", "bf16", channels_last=True),
     }
 
+    references = {
+        "torch_plain_fp32": Reference(
+            "stock PyTorch: eager fp32, NCHW, torch.no_grad, default threads and allocator — "
+            "what a user has before installing accelcore", "fp32", stock_runtime=True),
+    }
+
     def accelerate(self, method: str, model: Any, request: AccelerateRequest) -> AcceleratedModel:
         return self._build(method, model, request.input_size)
+
+    def reference(self, name: str, model: Any, request: AccelerateRequest) -> AcceleratedModel:
+        import torch
+
+        def forward(images: Any) -> Any:
+            with torch.no_grad():
+                return model(images)
+
+        return AcceleratedModel(method=name, precision="fp32", forward=forward,
+                                details={"mode": "eager, torch.no_grad, NCHW"})
 
     def load(self, method: str, folder: Path, manifest: dict) -> AcceleratedModel:
         from accelcore.inference.pt2e import load_program

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import pluggy
-
+from accelcore import hookimpl
 from accelcore.errors import RecipeError
 from accelcore.interfaces import Declaration
 
@@ -25,7 +24,6 @@ from .zoo import CUSTOM_NAME, CUSTOM_SUMMARY, MODEL_NAMES, SPECS, build_yolox
 #: What a recipe without model.name trains: the smallest model, the one CPUs train in minutes.
 DEFAULT_MODEL = "yolox_nano"
 
-hookimpl = pluggy.HookimplMarker("accelcore")
 
 __all__ = [
     "YOLOX",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from accelcore.errors import CheckpointError
+from accelcore.errors import CheckpointError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ def load_checkpoint(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure becomes one clear line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(e)}") from e
     try:
         state, source = extract_state_dict(obj, use_ema=use_ema)
     except ValueError as e:
