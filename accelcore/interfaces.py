@@ -97,6 +97,10 @@ class Detector(Protocol):
     * ``start_no_augmentation()``: called at the start of each of the last
       ``train.no_aug_epochs`` epochs (mosaic/mixup closed); YOLOX switches on its L1 loss there.
       Must be idempotent; models with nothing to change do nothing.
+    * Optional, not checked: ``deploy_form()`` → an eval copy computing exactly the same raw
+      output with ops graph runtimes run fast (YOLOX folds its Focus stem's strided slices into
+      one convolution); graph backends convert that form
+      (:func:`accelcore.inference.export.deploy_form`).
 
     What a saved checkpoint was made for (model name, class count) is read before any model
     exists, so it is not a member here: the model plugin answers the
@@ -151,10 +155,14 @@ class AccelerateRequest:
 class AcceleratedModel:
     """An accelerated callable with the raw-output contract of the eval model.
 
-    ``forward(images)`` takes float32 NCHW BGR 0-255 images and returns the model's raw output
-    (:class:`Detector` in ``output_mode "raw"``, ``[B, N, K]``; YOLOX: ``[B, N, 5 + C]``) as a
-    float32 torch tensor. ``save(folder)`` writes the artifact payload
-    (the core writes the manifest beside it); ``None`` if the method cannot be saved.
+    Calling it with letterboxed BGR images — float32 NCHW 0-255 or uint8 NHWC — returns the
+    model's raw output (:class:`Detector` in ``output_mode "raw"``, ``[B, N, K]``) as a float32
+    torch tensor. ``forward`` is the native entry: it takes images in ``input_format``
+    (:data:`IMAGE_FORMATS`), so a backend that does the layout change and scaling inside its
+    graph can take the 4× smaller uint8 batch straight from the decoder; ``__call__`` converts
+    (losslessly: letterboxed pixels are integers) when handed the other format. ``save(folder)``
+    writes the artifact payload (the core writes the manifest beside it); ``None`` if the
+    method cannot be saved.
     """
 
     method: str
@@ -162,9 +170,12 @@ class AcceleratedModel:
     forward: Callable[[Any], Any]
     save: Callable[[Path], None] | None = None
     details: dict = field(default_factory=dict)
+    input_format: str = "float32_nchw"
 
     def __call__(self, images: Any) -> Any:
-        return self.forward(images)
+        from accelcore.inference.image_format import to_format
+
+        return self.forward(to_format(images, self.input_format))
 
 
 @dataclass

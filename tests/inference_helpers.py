@@ -58,10 +58,13 @@ def raw_model(prefer_yolox: bool = True) -> nn.Module:
 
 
 def images(n: int = BATCH, size: tuple[int, int] = SIZE, seed: int = 0) -> torch.Tensor:
-    """Image-like input: smooth blobs (0-255) rather than white noise."""
+    """Image-like input: smooth blobs of integer pixel values 0-255 (as decoded images have,
+    so the uint8 input of graph backends sees exactly the same pixels)."""
     gen = torch.Generator().manual_seed(seed)
     low = torch.rand(n, 3, size[0] // 8, size[1] // 8, generator=gen) * 255
-    return torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
+    smooth = torch.nn.functional.interpolate(low, size=size, mode="bilinear",
+                                             align_corners=False)
+    return smooth.round()
 
 
 def request(tmp_path: Path, calib_images: int = 8) -> AccelerateRequest:

@@ -116,8 +116,9 @@ def test_missing_onnxruntime_is_reported(monkeypatch, model, tmp_path):
     plugin = accelcore_onnxruntime.plugin
     decls = {d.name: d for d in plugin.accelcore_declare()}
     assert set(decls) == {"onnxruntime_fp32", "onnxruntime_int8_qlinear",
-                          "onnxruntime_int8_integer"}
+                          "onnxruntime_int8_integer", "onnxruntime_plain_int8"}
     assert not decls["onnxruntime_fp32"].available
+    assert not decls["onnxruntime_plain_int8"].available  # the reference row says why too
     assert "onnxruntime not installed" in decls["onnxruntime_fp32"].reason
     with pytest.raises(BackendUnavailable, match="onnxruntime not installed"):
         plugin.accelcore_accelerate("onnxruntime_int8_integer", model, request(tmp_path))

@@ -65,8 +65,11 @@ def test_declared_available():
     from accelcore_openvino import plugin
 
     decls = {d.name: d for d in plugin.accelcore_declare()}
-    assert set(decls) == {"openvino_fp32", "openvino_bf16", "openvino_int8"}
-    assert all(d.kind == "backend" and d.available and d.summary for d in decls.values())
+    assert set(decls) == {"openvino_fp32", "openvino_bf16", "openvino_int8",
+                          "openvino_plain_int8", "openvino_plain_default"}
+    assert all(d.available and d.summary for d in decls.values())
+    assert {n for n, d in decls.items() if d.kind == "reference"} == {
+        "openvino_plain_int8", "openvino_plain_default"}
 
 
 def test_fp32_close_to_eager_and_dynamic_batch(model, fp32):
@@ -78,7 +81,7 @@ def test_fp32_close_to_eager_and_dynamic_batch(model, fp32):
     d = fp32.details
     assert fp32.precision == "fp32"
     assert d["precision_hint"] == "f32" and d["effective_inference_precision"] == "f32"
-    assert d["mode"] == "sync"  # batch 2: "auto" keeps one synchronous request
+    assert d["request_batch"] in (1, 2) and set(d["request_batch_trials_ms"]) == {"1", "2"}
     assert d["conv_runtime_precisions"].get("f32", 0) > 0
 
 
@@ -91,18 +94,37 @@ def test_fp32_save_load_round_trip(fp32, tmp_path):
     torch.testing.assert_close(loaded(x), fp32(x), rtol=1e-6, atol=1e-6)
 
 
-def test_async_streams_match_sync(tiny, tmp_path):
+def test_tuned_request_batch_uint8_input_and_round_trip(tiny, tmp_path):
+    """The per-request batch is measured at conversion and travels with the artifact; the
+    uint8 NHWC input gives the float model's output for the same (integer) pixels."""
+    from accelcore.inference.image_format import UINT8_NHWC, to_format
+
     req = request(tmp_path)
-    req.batch_size = 8  # "auto" picks the async runner from batch 4 on
+    req.batch_size = 8
     req.options["streams"] = 2
     acc = accelerate("openvino_fp32", tiny, req)
-    assert acc.details["mode"] == "async" and acc.details["streams"] == 2
-    assert acc.details["infer_requests"] >= 2
-    for n in (5, 1):  # odd batch: uneven split across the requests; 1: a single request
-        x = images(n, seed=n)
-        assert rel_err(acc(x), tiny(x)) < FP32_TOL
+    assert acc.input_format == UINT8_NHWC and acc.details["streams"] == 2
+    trials = acc.details["request_batch_trials_ms"]
+    assert set(trials) == {"1", "2", "4", "8"} and all(ms > 0 for ms in trials.values())
+    assert acc.details["request_batch"] == int(min(trials, key=trials.get))
+    for n in (5, 1):  # uneven split (the last request is padded); a single image
+        x = images(n, seed=n).round()
+        assert rel_err(acc(x), tiny(x)) < FP32_TOL  # float in: converted by __call__
+        native = to_format(x, UINT8_NHWC)
+        assert rel_err(acc.forward(native), tiny(x)) < FP32_TOL
     loaded = reload("openvino_fp32", acc, tmp_path / "artifact")
-    assert loaded.details["mode"] == "async"  # the execution settings travel with the artifact
+    assert loaded.details["request_batch"] == acc.details["request_batch"]
+    assert loaded.input_format == UINT8_NHWC
+
+
+def test_fixed_request_batch_and_float_input_options(tiny, tmp_path):
+    req = request(tmp_path)
+    req.options.update(request_batch=3, input_format="float32_nchw", deploy_form=False)
+    acc = accelerate("openvino_fp32", tiny, req)
+    assert acc.details["request_batch"] == 3 and acc.input_format == "float32_nchw"
+    assert "request_batch_trials_ms" not in acc.details and acc.details["deploy_form"] is False
+    x = images(4)
+    assert rel_err(acc.forward(x), tiny(x)) < FP32_TOL
 
 
 def test_bf16_reports_what_runs(tiny, tmp_path):
@@ -186,8 +208,8 @@ def test_released_runners_leave_a_valid_signal_stack():
     from accelcore_openvino.backend import OpenVINORunner
 
     model = ov.convert_model(torch.nn.Conv2d(3, 4, 3), example_input=torch.zeros(1, 3, 8, 8))
-    first = OpenVINORunner(model, "f32", use_async=False)
-    second = OpenVINORunner(model, "f32", use_async=True)
+    first = OpenVINORunner(model, "f32", request_batch=1)
+    second = OpenVINORunner(model, "f32", request_batch=2)
     assert _signal_stack_is_mapped()
     del first
     gc.collect()

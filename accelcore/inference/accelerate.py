@@ -38,6 +38,7 @@ from accelcore.errors import BackendUnavailable, PluginError, one_line
 from accelcore.inference.artifact import folder_size_mb, save_artifact
 from accelcore.inference.auto import AUTO, MethodChoice, expand_auto
 from accelcore.inference.calibration import calibration_from_tensor, load_images, spread_indices
+from accelcore.inference.image_format import to_format
 from accelcore.inference.latency import measure_latency, versions
 from accelcore.inference.select import accuracy_drop, select_method
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest, Detector
@@ -125,12 +126,16 @@ def run_method(job: MethodJob, method: str, pm: Any, kind: str = "backend") -> d
             if accelerated is None:
                 raise PluginError(f"no loaded plugin converts method '{method}'")
             row["precision"] = accelerated.precision
+            row["input_format"] = accelerated.input_format
             # The first call is part of conversion: compiling backends build their code lazily.
             stage = "first call"
-            _check_output(accelerated(job.latency_batch), job.latency_batch)
+            # Timed in the method's own input layout, converted once here: a runtime that takes
+            # uint8 NHWC gets what the image decoder produces, not a float batch to convert.
+            native = to_format(job.latency_batch, accelerated.input_format)
+            _check_output(accelerated.forward(native), job.latency_batch)
             row["convert_s"] = round(time.perf_counter() - t0, 2)
             stage = "latency"
-            lat = measure_latency(accelerated, job.latency_batch, **job.latency)
+            lat = measure_latency(accelerated.forward, native, **job.latency)
             row.update(latency_ms=lat["median_ms"], p10_ms=lat["p10_ms"], p90_ms=lat["p90_ms"],
                        img_per_s=lat["img_per_s"], runs=lat["runs"])
             stage = "evaluate"
@@ -157,7 +162,8 @@ def run_method(job: MethodJob, method: str, pm: Any, kind: str = "backend") -> d
             return row
         stage = "save"
         try:
-            manifest = {**job.manifest, "metrics": {k: row[k] for k in (
+            manifest = {**job.manifest, "input_format": accelerated.input_format,
+                        "metrics": {k: row[k] for k in (
                 "ap50_95", "ap50", "latency_ms", "img_per_s", "convert_s")},
                 "details": accelerated.details}
             folder = save_artifact(job.staging_dir / method, accelerated, manifest)

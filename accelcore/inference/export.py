@@ -66,6 +66,26 @@ def dynamic_batch(example: torch.Tensor) -> tuple[torch.Tensor, tuple[dict[int, 
     return example, ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
 
+def deploy_form(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's exactly-equivalent graph-runtime form, if its plugin offers one
+    (``Detector.deploy_form``: e.g. strided slicing folded into a convolution), else itself.
+
+    Graph backends call this before converting (option ``deploy_form``, default on); it is
+    checked to give the same output as the model, so a wrong rewrite fails the conversion.
+    """
+    make = getattr(model, "deploy_form", None)
+    if make is None:
+        return model
+    deployed = make()
+    height, width = getattr(model, "input_size", (64, 64))
+    probe = torch.rand(1, 3, int(height), int(width)) * 255.0
+    with torch.no_grad():
+        diff = (deployed(probe) - model(probe)).abs().max().item()
+    if not diff <= 1e-3:
+        raise ValueError(f"deploy_form changed the model's output (max abs diff {diff:.3g})")
+    return deployed
+
+
 def export_onnx(
     model: torch.nn.Module,
     path: str | Path,

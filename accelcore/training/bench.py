@@ -8,6 +8,14 @@ precision plugin, layout, optimizer, EMA) with a fresh model from the same seed.
 
 A configuration is a name from :data:`CONFIGS`, optionally followed by plugin-declared training
 features (``train.features``): ``bf16_cl+NAME`` is ``bf16_cl`` with feature ``NAME`` on.
+``stock`` is what a user has before accelcore: fp32 eager NCHW with no allocator tuning and
+torch's default threads. ``auto`` is ``train.precision: auto`` (bf16 + channels_last where the
+CPU has bf16 hardware, fp32 + channels_last elsewhere). Ratios are taken against ``stock`` when
+it ran, else against ``fp32``.
+
+Each configuration runs in its own process by default (``isolate``): the allocator's heap,
+autocast caches and compiled code of one configuration never colour the next, and ``stock``
+really starts untuned (glibc's tuning variables only act from a process's start).
 
 Throughput is the median over the timed iterations after ``warmup`` untimed ones.
 """
@@ -24,8 +32,9 @@ from typing import Any
 
 import torch
 
-from accelcore.errors import AccelcoreError, RecipeError
+from accelcore.errors import AccelcoreError, RecipeError, one_line
 from accelcore.interfaces import TrainJob
+from accelcore.runtime import RuntimeSetup, describe_runtime, runtime_label
 from accelcore.training.loop import Trainer
 
 #: Every knob a configuration can turn, at its plain value: each configuration sets all of them
@@ -50,8 +59,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "bf16_cl_compile": _config(precision="bf16", channels_last=True, compile=True),
     "fp32_compile": _config(compile=True),
     "fp32_cl_compile": _config(channels_last=True, compile=True),
+    "stock": _config(malloc_tuning=False, allocator="default", threads=None),
+    "auto": _config(precision="auto"),
 }
-DEFAULT_CONFIGS = ("fp32", "bf16", "bf16_cl", "bf16_cl_compile")
+DEFAULT_CONFIGS = ("stock", "fp32", "fp32_cl", "bf16_cl", "auto")
 FEATURE_SEPARATOR = "+"
 MODES = ("compute", "e2e")
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "ema")
@@ -107,16 +118,21 @@ def _time_steps(t: Trainer, mode: str, iters: int, warmup: int,
     return times
 
 
-def bench_train(recipe: Any, configs: list[str] | tuple[str, ...] = DEFAULT_CONFIGS,
-                modes: list[str] | tuple[str, ...] = MODES, iters: int = 10, warmup: int = 3,
-                log: Any = print) -> list[dict[str, Any]]:
-    """Rows ``{config, mode, img_per_s, speedup, step_ms, status, reason}``."""
-    overrides = {name: config_overrides(name) for name in configs}
+def _check_args(configs: list[str] | tuple[str, ...], modes: list[str] | tuple[str, ...],
+                iters: int, warmup: int) -> None:
+    for name in configs:
+        config_overrides(name)
     for mode in modes:
         if mode not in MODES:
             raise RecipeError(f"--modes: unknown mode '{mode}'; known: {', '.join(MODES)}")
     if iters < 1 or warmup < 0:
         raise RecipeError(f"--iters must be >= 1 and --warmup >= 0, got {iters}, {warmup}")
+
+
+def _bench_configs(recipe: Any, configs: list[str] | tuple[str, ...],
+                   modes: list[str] | tuple[str, ...], iters: int, warmup: int,
+                   log: Any) -> list[dict[str, Any]]:
+    """Rows of ``configs`` measured one after the other in this process."""
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="accelcore-bench-") as tmp:
         work = Path(tmp)
@@ -128,7 +144,7 @@ def bench_train(recipe: Any, configs: list[str] | tuple[str, ...] = DEFAULT_CONF
         batch = int(fixed[0].shape[0])
         for name in configs:
             try:
-                t = _trainer(recipe, overrides[name], loader, base.pm, work)
+                t = _trainer(recipe, config_overrides(name), loader, base.pm, work)
             except AccelcoreError as exc:
                 for mode in modes:
                     rows.append({"config": name, "mode": mode, "img_per_s": None,
@@ -136,20 +152,78 @@ def bench_train(recipe: Any, configs: list[str] | tuple[str, ...] = DEFAULT_CONF
                                  "reason": str(exc)})
                 log(f"  {name}: unavailable: {exc}")
                 continue
+            chosen = f"{t.cfg.precision}{' + channels_last' if t.cfg.channels_last else ''}"
             for mode in modes:
                 times = _time_steps(t, mode, iters, warmup, fixed, loader)
                 med = statistics.median(times)
                 rows.append({"config": name, "mode": mode, "img_per_s": batch / med,
                              "speedup": None, "step_ms": 1000 * med, "status": "ok",
-                             "reason": ""})
+                             "reason": "", "precision": chosen,
+                             "runtime": runtime_label(describe_runtime())})
                 log(f"  {name:<16} {mode:<8} {batch / med:8.2f} img/s  "
-                    f"(median step {1000 * med:.0f} ms over {iters})")
+                    f"(median step {1000 * med:.0f} ms over {iters}; {chosen})")
             del t
+    return rows
+
+
+def _child(recipe: Any, name: str, modes: list[str], iters: int, warmup: int,
+           result: str) -> None:
+    """One configuration's process: apply the setup the parent exported, measure, report."""
+    import json
+
+    from accelcore.runtime import apply_inherited_setup
+
+    apply_inherited_setup()
+    try:
+        rows = _bench_configs(recipe, [name], modes, iters, warmup, log=print)
+    except BaseException as exc:  # noqa: BLE001 - any failure becomes the rows' reason
+        rows = [{"config": name, "mode": mode, "img_per_s": None, "speedup": None,
+                 "step_ms": None, "status": "failed", "reason": one_line(exc)}
+                for mode in modes]
+    Path(result).write_text(json.dumps(rows))
+
+
+def _run_isolated(recipe: Any, name: str, modes: list[str], iters: int, warmup: int,
+                  work: Path) -> list[dict[str, Any]]:
+    import json
+    import multiprocessing
+
+    variant = _variant(recipe, config_overrides(name))
+    setup = RuntimeSetup.from_recipe(variant)
+    result = work / f"{name}.json"
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_child, args=(variant, name, list(modes), iters, warmup, str(result)))
+    with setup.exported():
+        proc.start()
+    proc.join()
+    if result.is_file():
+        return json.loads(result.read_text())
+    return [{"config": name, "mode": mode, "img_per_s": None, "speedup": None, "step_ms": None,
+             "status": "failed", "reason": f"process died (exit code {proc.exitcode})"}
+            for mode in modes]
+
+
+def bench_train(recipe: Any, configs: list[str] | tuple[str, ...] = DEFAULT_CONFIGS,
+                modes: list[str] | tuple[str, ...] = MODES, iters: int = 10, warmup: int = 3,
+                log: Any = print, isolate: bool = True) -> list[dict[str, Any]]:
+    """Rows ``{config, mode, img_per_s, speedup, step_ms, status, reason, precision, runtime}``;
+    ``speedup`` is relative to ``stock`` (or ``fp32`` when stock was not measured)."""
+    _check_args(configs, modes, iters, warmup)
+    if isolate:
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="accelcore-bench-") as tmp:
+            for name in configs:
+                rows += _run_isolated(recipe, name, modes, iters, warmup, Path(tmp))
+    else:
+        rows = _bench_configs(recipe, configs, modes, iters, warmup, log)
+    ran = {r["config"] for r in rows if r["status"] == "ok"}
+    base = "stock" if "stock" in ran else "fp32"
     for row in rows:
-        ref = next((r for r in rows if r["config"] == "fp32" and r["mode"] == row["mode"]
+        ref = next((r for r in rows if r["config"] == base and r["mode"] == row["mode"]
                     and r["status"] == "ok"), None)
         if ref is not None and row["img_per_s"] is not None:
             row["speedup"] = row["img_per_s"] / ref["img_per_s"]
+        row["baseline"] = base
     return rows
 
 

@@ -6,9 +6,10 @@
 - ``onnxruntime_int8_integer``: dynamic quantization (ConvInteger / MatMulInteger); activation
   ranges are computed per batch at run time, so no calibration data is needed.
 
-Options read from ``AccelerateRequest.options``: ``exporter`` ("auto" | "dynamo" | "legacy",
-see :mod:`accelcore.inference.export`), ``reduce_range`` (bool, default off: 7-bit weights
-against U8S8 saturation on CPUs without VNNI; measured no gain on this AVX2 EPYC).
+Options read from ``AccelerateRequest.options``: ``deploy_form`` (default true: export the
+model's exactly-equivalent graph form, ``Detector.deploy_form``), ``exporter`` ("auto" |
+"dynamo" | "legacy", see :mod:`accelcore.inference.export`), ``reduce_range`` (bool, default
+off: 7-bit weights against U8S8 saturation on CPUs without VNNI; no gain on an AVX2 EPYC).
 ONNX Runtime and onnx are imported in :mod:`accelcore_onnxruntime.backend`, on first use.
 """
 

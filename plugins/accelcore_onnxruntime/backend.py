@@ -16,7 +16,13 @@ import onnxruntime as ort
 import torch
 
 from accelcore.errors import BackendUnavailable
-from accelcore.inference.export import INPUT_NAME, OUTPUT_NAME, export_onnx, exporter_of
+from accelcore.inference.export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    deploy_form,
+    export_onnx,
+    exporter_of,
+)
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest
 
 MODEL_FILE = "model.onnx"
@@ -33,7 +39,9 @@ def accelerate(method: str, model: torch.nn.Module,
         # Fail before the (slow) export.
         raise BackendUnavailable("onnxruntime_int8_qlinear: needs calibration data "
                                  "(AccelerateRequest.calibration is None)")
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"deploy_form": bool(options.get("deploy_form", True))}
+    if details["deploy_form"]:  # the stem as one conv: ORT fp32 -19% on a Zen 3 (see README)
+        model = deploy_form(model)
     with tempfile.TemporaryDirectory(prefix="accelcore-ort-") as tmp_name:
         tmp = Path(tmp_name)
         fp32 = export_onnx(model, tmp / "fp32.onnx", tuple(request.input_size), batch_size=2,

@@ -3,13 +3,20 @@
 Declaration is cheap (``find_spec`` only); OpenVINO and NNCF are imported in
 :mod:`accelcore_openvino.backend` when a method is actually built or loaded.
 
-Options read from ``AccelerateRequest.options``:
+Options read from ``AccelerateRequest.options`` (per method, ``accelerate.options``):
 
-- ``async`` (true / false / "auto", default "auto" = async for a request batch size >= 4, see
-  ``backend.AUTO_ASYNC_MIN_BATCH`` for the measurements): compile with the THROUGHPUT hint and
-  run a batch as parallel infer requests (one per stream, the batch split between them) instead
-  of one synchronous request with the LATENCY hint.
-- ``streams`` (int): CPU streams in async mode (default: OpenVINO's choice for THROUGHPUT).
+- ``request_batch`` ("auto" or an int, default "auto"): images per infer request; a batch runs
+  as parallel requests on the THROUGHPUT streams. "auto" measures 1, 2, 4, 8, 16 and one
+  request per stream on this machine at conversion time and keeps the fastest (saved with
+  the artifact, so loading does not re-tune).
+- ``streams`` (int): CPU streams (default: OpenVINO's choice for THROUGHPUT).
+- ``input_format`` ("uint8_nhwc", default, or "float32_nchw"): the artifact takes decoded
+  uint8 images; conversion and layout change run inside the graph.
+- ``deploy_form`` (default true): convert the model's exactly-equivalent graph form
+  (``Detector.deploy_form``; YOLOX: the Focus stem as one convolution).
+- int8 only: ``preset`` ("mixed" default, or "performance"), ``fp32_output_convs`` (default
+  true), ``float_hint`` ("auto" default: bf16 for the float layers where the CPU has native
+  bf16, else f32; or "f32" / "bf16").
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ class OpenVINOBackend(Backend):
             "OpenVINO CPU runtime, INFERENCE_PRECISION_HINT=bf16 (needs a CPU with native "
             "bf16; otherwise OpenVINO runs f32, see details)", "bf16", hint="bf16"),
         "openvino_int8": OpenVINOMethod(
-            "OpenVINO + NNCF post-training int8 (mixed preset, calibrated on real images); "
-            "non-quantized ops in f32", "int8", requires=("nncf",), hint="f32"),
+            "OpenVINO + NNCF post-training int8 (mixed preset, calibrated on real images, "
+            "predictor convs float); float layers in bf16 where native, else f32",
+            "int8", requires=("nncf",), hint="f32"),
     }
     references = {
         "openvino_plain_int8": Reference(

@@ -1,9 +1,12 @@
-"""OpenVINO conversion, NNCF quantization, compilation and the sync / async runners."""
+"""OpenVINO conversion, NNCF quantization, input preprocessing in the graph, compilation, and
+the runner whose per-request batch is tuned on the machine at hand."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,44 +16,62 @@ import openvino as ov
 import torch
 
 from accelcore.errors import BackendUnavailable
-from accelcore.inference.export import INPUT_NAME, OUTPUT_NAME, example_input
+from accelcore.inference.export import INPUT_NAME, OUTPUT_NAME, deploy_form, example_input
+from accelcore.inference.image_format import FLOAT_NCHW, IMAGE_FORMATS, UINT8_NHWC, to_format
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest
+from accelcore.machine import has_native
 from accelcore_openvino.signal_stack import ensure_signal_stack
 
-#: Batches at least this large run async by default (option ``async``: true / false / "auto").
-#: Measured on this 2-core EPYC, yolox_nano 416 px fp32, interleaved runs (cores shared, load
-#: ~6): bs1 sync 63 ms vs async 76 ms; bs8 sync 633 vs async (2 streams) 509; bs16 sync 811 vs
-#: async 686-710 ms median. Async wins ~1.15-1.25x once a batch can be split (BACKEND-FACTS saw
-#: 1.16x at bs64 on the Sapphire Rapids box) and loses for a single image, which would run on
-#: one stream with half the threads.
-AUTO_ASYNC_MIN_BATCH = 4
 MODEL_XML = "model.xml"
 SETTINGS_JSON = "openvino.json"
 PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+#: Per-request batch sizes tried by ``request_batch: auto`` (plus one request per stream).
+#: Small requests keep a layer's activations in the core's L2 cache; measured on a 2-core
+#: Sapphire Rapids (yolox_nano 416 px, bf16, a batch of 64): 1 → 564 ms, 4 → 585, 8 → 572,
+#: 16 → 631 with the sliced stem; 2-16 within noise once the stem is one convolution — so the
+#: best size is machine- and model-specific and is measured, not assumed.
+REQUEST_BATCHES = (1, 2, 4, 8, 16)
+#: Timed calls per candidate when tuning (after one warm-up); the median decides.
+TUNE_CALLS = 3
 
 
 def accelerate(method: str, model: torch.nn.Module,
                request: AccelerateRequest) -> AcceleratedModel:
     from accelcore_openvino import OpenVINOBackend
 
+    options = request.options
     if method == "openvino_int8" and request.calibration is None:
         # Fail before the conversion.
         raise BackendUnavailable("openvino_int8: needs calibration data "
                                  "(AccelerateRequest.calibration is None)")
+    use_deploy_form = bool(options.get("deploy_form", True))
+    if use_deploy_form:
+        model = deploy_form(model)
     # At least 2 images, so the traced graph keeps the batch dimension symbolic.
     ov_model = to_openvino(model, example_input(request.input_size, min(request.batch_size, 4)))
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"deploy_form": use_deploy_form}
+    hint = OpenVINOBackend.methods[method].hint
     if method == "openvino_int8":
-        ov_model, details = _quantize(ov_model, request)
+        ov_model, quant = _quantize(ov_model, request)
+        details.update(quant)
         ensure_signal_stack()  # NNCF compiled and released models of its own
-    use_async = request.options.get("async", "auto")
-    if use_async == "auto":
-        use_async = request.batch_size >= AUTO_ASYNC_MIN_BATCH
-    settings = {
-        "hint": OpenVINOBackend.methods[method].hint,
-        "async": bool(use_async),
-        "streams": request.options.get("streams"),
-    }
+        # The layers left in float run in bf16 where the CPU has it natively (AMX,
+        # AVX512-BF16) — OpenVINO's own default there; f32 elsewhere.
+        float_hint = options.get("float_hint", "auto")
+        hint = ("bf16" if has_native("bf16") else "f32") if float_hint == "auto" else float_hint
+    input_format = options.get("input_format", UINT8_NHWC)
+    if input_format not in IMAGE_FORMATS:
+        raise BackendUnavailable(f"{method}: option input_format={input_format!r}; allowed: "
+                                 f"{', '.join(IMAGE_FORMATS)}")
+    if input_format == UINT8_NHWC:
+        ov_model = _take_uint8_nhwc(ov_model)
+    settings = {"hint": hint, "input_format": input_format,
+                "streams": options.get("streams"),
+                "request_batch": options.get("request_batch", "auto")}
+    if settings["request_batch"] == "auto":
+        trial = _trial_batch(request, input_format)
+        settings["request_batch"], details["request_batch_trials_ms"] = _tune_request_batch(
+            ov_model, settings, trial)
     return _build(method, ov_model, settings, details)
 
 
@@ -87,23 +108,99 @@ def to_openvino(model: torch.nn.Module, example: torch.Tensor,
     return ov_model
 
 
+def output_tail(ov_model: Any) -> list[str]:
+    """Names of the convolutions that feed the output directly (through reshapes, concats,
+    activations — anything but another convolution): the detector's predictor convs. Int8,
+    they would squeeze box offsets, objectness and class logits into one 8-bit scale (the PT2E
+    and ONNX Runtime methods keep the same convs float)."""
+    names: list[str] = []
+    seen: set[str] = set()
+    stack = [result.input_value(0).get_node() for result in ov_model.get_results()]
+    while stack:
+        node = stack.pop()
+        if node.get_friendly_name() in seen:
+            continue
+        seen.add(node.get_friendly_name())
+        if node.get_type_name() == "Convolution":
+            names.append(node.get_friendly_name())
+            continue
+        stack.extend(value.get_node() for value in node.input_values())
+    return names
+
+
 def _quantize(ov_model: Any, request: AccelerateRequest) -> tuple[Any, dict]:
-    """NNCF post-training quantization on real calibration batches (mixed preset)."""
+    """NNCF post-training quantization on real calibration batches.
+
+    Options: ``preset`` ("mixed", default: symmetric weights, asymmetric activations — SiLU
+    outputs are not centred on zero; or "performance", NNCF's default), ``fp32_output_convs``
+    (default true: the predictor convs stay float, see :func:`output_tail`).
+    """
     import nncf
 
     assert request.calibration is not None  # checked in accelerate()
     batches = [_as_numpy(batch) for batch in request.calibration()]
     if not batches:
         raise BackendUnavailable("openvino_int8: the calibration iterator yielded no batch")
-    # Mixed: symmetric weights, asymmetric activations — the activations after SiLU are not
-    # centred on zero, so asymmetric ranges keep more resolution there.
+    preset_name = request.options.get("preset", "mixed")
+    presets = {"mixed": nncf.QuantizationPreset.MIXED,
+               "performance": nncf.QuantizationPreset.PERFORMANCE}
+    if preset_name not in presets:
+        raise BackendUnavailable(f"openvino_int8: option preset={preset_name!r}; allowed: "
+                                 f"{', '.join(presets)}")
+    tail = output_tail(ov_model) if request.options.get("fp32_output_convs", True) else []
     quantized = nncf.quantize(
-        ov_model, nncf.Dataset(batches), preset=nncf.QuantizationPreset.MIXED,
+        ov_model, nncf.Dataset(batches), preset=presets[preset_name],
         subset_size=len(batches),  # NNCF counts dataset items, i.e. our batches
+        ignored_scope=nncf.IgnoredScope(names=tail) if tail else None,
     )
     images = sum(b.shape[0] for b in batches)
     return quantized, {"calibration_batches": len(batches), "calibration_images": images,
-                       "nncf_preset": "mixed"}
+                       "nncf_preset": preset_name, "float_output_convs": len(tail)}
+
+
+def _take_uint8_nhwc(ov_model: Any) -> Any:
+    """The model with its input as uint8 NHWC: the conversion to float and the layout change
+    run inside the compiled graph, on a quarter of the bytes (a float32 batch of 64 at 416 px is
+    133 MB). Measured on a 2-core Sapphire Rapids, bf16: 510 → 480 ms per 64 images."""
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(ov_model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    return ppp.build()
+
+
+def _trial_batch(request: AccelerateRequest, input_format: str) -> np.ndarray:
+    """A batch of real calibration images at the request's batch size, for tuning."""
+    images = [_as_numpy(b) for b in request.calibration()] if request.calibration else []
+    pool = np.concatenate(images) if images else np.full(
+        (1, 3, *request.input_size), 114.0, np.float32)
+    reps = math.ceil(request.batch_size / pool.shape[0])
+    batch = np.concatenate([pool] * reps)[: request.batch_size]
+    return to_format(batch, input_format).numpy()
+
+
+def _tune_request_batch(ov_model: Any, settings: dict,
+                        trial: np.ndarray) -> tuple[int, dict[str, float]]:
+    """Measure each per-request batch size on this machine; the fastest median wins."""
+    batch = trial.shape[0]
+    candidates = sorted({min(b, batch) for b in REQUEST_BATCHES} | {batch})
+    timings: dict[str, float] = {}
+    best, best_ms = candidates[0], math.inf
+    for request_batch in candidates:
+        runner = OpenVINORunner(ov_model, settings["hint"], request_batch, settings["streams"])
+        runner(trial)
+        times = []
+        for _ in range(TUNE_CALLS):
+            t0 = time.perf_counter()
+            runner(trial)
+            times.append(1000 * (time.perf_counter() - t0))
+        del runner
+        ms = statistics.median(times)
+        timings[str(request_batch)] = round(ms, 1)
+        if ms < best_ms:
+            best, best_ms = request_batch, ms
+    return best, timings
 
 
 def _as_numpy(batch: Any) -> np.ndarray:
@@ -115,57 +212,60 @@ def _as_numpy(batch: Any) -> np.ndarray:
 
 
 class OpenVINORunner:
-    """One compiled model; ``__call__`` maps a float32 NCHW batch to the raw output tensor.
+    """One model compiled for a fixed per-request batch; ``__call__`` maps a batch (in the
+    model's input format) to the raw output tensor.
 
-    Sync: LATENCY hint (one stream using all threads), one request for the whole batch.
-    Async: THROUGHPUT hint; the batch is split into one chunk per infer request and the chunks
-    run in parallel on the streams (a single request would use one stream only and be slower
-    than sync — streams only pay off with parallel requests).
+    THROUGHPUT hint (one stream per core pair, OpenVINO's choice unless ``streams``): the batch
+    is cut into requests of ``request_batch`` images that run in parallel on the streams; the
+    last request is padded to the fixed shape. A static shape per request lets the CPU plugin
+    pick its kernels once; a small request keeps each layer's activations in cache.
     """
 
-    def __init__(self, ov_model: Any, hint: str, use_async: bool,
+    def __init__(self, ov_model: Any, hint: str, request_batch: int,
                  streams: int | None = None) -> None:
+        model = ov_model.clone()
+        shape = list(model.inputs[0].get_partial_shape())
+        shape[0] = request_batch
+        model.reshape({model.inputs[0]: ov.PartialShape(shape)})
         config: dict[str, Any] = {
             # Always explicit: OpenVINO's default is bf16 on CPUs that have it (AMX).
             "INFERENCE_PRECISION_HINT": hint,
             "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-            "PERFORMANCE_HINT": "THROUGHPUT" if use_async else "LATENCY",
+            "PERFORMANCE_HINT": "THROUGHPUT",
         }
-        if use_async and streams:
+        if streams:
             config["NUM_STREAMS"] = int(streams)
+        self.request_batch = request_batch
         self.core = ov.Core()
-        self.compiled = self.core.compile_model(ov_model, "CPU", config)
+        self.compiled = self.core.compile_model(model, "CPU", config)
         ensure_signal_stack()  # the CPU plugin's own is tiny and may dangle later (see there)
-        self.use_async = use_async
-        if use_async:
-            self.queue = ov.AsyncInferQueue(self.compiled)
-            self._results: list[np.ndarray | None] = []
-            self.queue.set_callback(self._store)
-        else:
-            self.request = self.compiled.create_infer_request()
+        self.queue = ov.AsyncInferQueue(self.compiled)
+        self._results: list[np.ndarray | None] = []
+        self.queue.set_callback(self._store)
 
     def _store(self, request: Any, index: int) -> None:
         # The output buffer belongs to the request and is reused: copy it out.
         self._results[index] = request.get_output_tensor(0).data.copy()
 
     def __call__(self, images: Any) -> torch.Tensor:
-        x = _as_numpy(images)
-        if not self.use_async:
-            self.request.infer({INPUT_NAME: x}, share_inputs=True)
-            return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
-        parts = min(len(self.queue), x.shape[0])
-        step = math.ceil(x.shape[0] / parts)
-        chunks = [x[i:i + step] for i in range(0, x.shape[0], step)]
-        self._results = [None] * len(chunks)
-        for index, chunk in enumerate(chunks):
-            self.queue.start_async({INPUT_NAME: chunk}, userdata=index, share_inputs=True)
+        x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        x = np.ascontiguousarray(x)
+        n, step = x.shape[0], self.request_batch
+        parts = math.ceil(n / step)
+        self._results = [None] * parts
+        for index in range(parts):
+            chunk = x[index * step:(index + 1) * step]
+            if chunk.shape[0] < step:  # fixed-shape model: pad the last request
+                pad = np.zeros((step - chunk.shape[0], *x.shape[1:]), x.dtype)
+                chunk = np.concatenate((chunk, pad))
+            self.queue.start_async({0: chunk}, userdata=index, share_inputs=True)
         self.queue.wait_all()
-        return torch.from_numpy(np.concatenate(self._results, axis=0))
+        return torch.from_numpy(np.concatenate(self._results, axis=0)[:n])
 
     def __del__(self) -> None:
         # Release the OpenVINO objects first, then replace whatever signal stack their
         # destructors restored (possibly one already freed) with ours.
-        for name in ("queue", "request", "compiled", "core"):
+        for name in ("queue", "compiled", "core"):
             self.__dict__.pop(name, None)
         ensure_signal_stack()
 
@@ -183,17 +283,22 @@ class OpenVINORunner:
             "cpu_capabilities": list(self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
             "effective_inference_precision": effective,
             "conv_runtime_precisions": dict(runtime),
-            "mode": "async" if self.use_async else "sync",
             "performance_hint": str(compiled.get_property("PERFORMANCE_HINT")),
             "streams": int(compiled.get_property("NUM_STREAMS")),
-            "infer_requests": len(self.queue) if self.use_async else 1,
+            "infer_requests": len(self.queue),
+            "request_batch": self.request_batch,
             "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
         }
 
 
 def _build(method: str, ov_model: Any, settings: dict, details: dict) -> AcceleratedModel:
-    runner = OpenVINORunner(ov_model, settings["hint"], settings["async"], settings["streams"])
-    info = {**details, **runner.details(), "precision_hint": settings["hint"]}
+    # Artifacts written before the tuned runner carry neither key: float input, one request
+    # per image (the slowest safe choice is not needed: any size gives the same output).
+    settings = {"input_format": FLOAT_NCHW, "request_batch": 1, "streams": None, **settings}
+    runner = OpenVINORunner(ov_model, settings["hint"], int(settings["request_batch"]),
+                            settings["streams"])
+    info = {**details, **runner.details(), "precision_hint": settings["hint"],
+            "input_format": settings["input_format"]}
     if method == "openvino_int8":
         precision = "int8"
     else:
@@ -214,4 +319,4 @@ def _build(method: str, ov_model: Any, settings: dict, details: dict) -> Acceler
         (folder / SETTINGS_JSON).write_text(json.dumps(settings, indent=2))
 
     return AcceleratedModel(method=method, precision=precision, forward=runner, save=save,
-                            details=info)
+                            details=info, input_format=settings["input_format"])

@@ -174,3 +174,25 @@ class Focus(nn.Module):
         tr = x[..., ::2, 1::2]
         br = x[..., 1::2, 1::2]
         return self.conv(torch.cat((tl, bl, tr, br), dim=1))
+
+    def as_strided_conv(self) -> BaseConv:
+        """The exact same function as one ``2k×2k`` stride-2 convolution on the image.
+
+        Output pixel (i, j) of the k×k conv over the space-to-depth grid reads grid cells
+        i-(k//2)..i+(k//2), i.e. image rows 2i-2(k//2) .. 2i+2(k//2)+1: a 2k×2k window at
+        stride 2 with padding 2(k//2). Each grid channel block (dy, dx) becomes the kernel taps
+        of that parity. Graph runtimes run the strided slices and the concat of the original
+        with slow generic kernels (OpenVINO: ~17% of a batch); one convolution is fast there.
+        """
+        conv = self.conv.conv
+        k = conv.kernel_size[0]
+        in_ch = conv.in_channels // 4
+        fused = BaseConv(in_ch, conv.out_channels, 2 * k, 2)
+        fused.conv.padding = (2 * (k // 2), 2 * (k // 2))
+        weight = torch.zeros(conv.out_channels, in_ch, 2 * k, 2 * k)
+        for block, (dy, dx) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+            weight[:, :, dy::2, dx::2] = conv.weight.detach()[:, block * in_ch:(block + 1) * in_ch]
+        fused.conv.weight = nn.Parameter(weight, requires_grad=False)
+        fused.bn = self.conv.bn
+        fused.act = self.conv.act
+        return fused

@@ -61,6 +61,19 @@ class YOLOX(nn.Module):
         """The last no-augmentation epochs add the L1 loss on raw box regression (official)."""
         self.head.use_l1 = True
 
+    def deploy_form(self) -> YOLOX:
+        """An eval copy computing exactly the same function with graph-runtime-friendly ops:
+        the Focus stem's strided slices + concat become one stride-2 convolution."""
+        import copy
+
+        from .blocks import Focus
+
+        model = copy.deepcopy(self).eval()
+        stem = getattr(model.backbone.backbone, "stem", None)
+        if isinstance(stem, Focus):
+            model.backbone.backbone.stem = stem.as_strided_conv()
+        return model
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
         raw = self.head(self.backbone(x))
         if self.training:
