@@ -76,6 +76,9 @@ class DataConfig:
     val_json: str = "instances_val2017.json"
     cache: bool = False
     num_workers: int = 2
+    # A training image that cannot be read: "fail" stops with its name; "skip" logs it once and
+    # uses the next readable image in its place (accelcore.data.mosaic.MosaicDetection).
+    on_bad_image: Literal["skip", "fail"] = "fail"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

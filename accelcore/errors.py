@@ -19,6 +19,18 @@ class DataError(AccelcoreError):
     """A dataset cannot be used as given (missing folder, corrupt json, bad ids)."""
 
 
+class ImageReadError(DataError):
+    """One image file cannot be read or decoded; ``path`` names it. Readers raise it so that
+    callers can skip the file (``data.on_bad_image: skip``, ``accelcore predict``) or stop."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self) -> tuple:  # keep ``path`` across processes (loader workers, Ray)
+        return (type(self), (str(self), self.path))
+
+
 class CheckpointError(AccelcoreError):
     """A checkpoint cannot be loaded into the requested model."""
 

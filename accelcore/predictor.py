@@ -18,10 +18,10 @@ from accelcore.interfaces import Detector
 class Predictor:
     """Turn a batch of letterboxed images into per-image detections.
 
-    ``forward`` maps float32 NCHW BGR 0-255 images to either the model's raw output
-    (``raw=True``: the model's ``decode`` runs here in fp32) or already-decoded output. ``model``
-    is the :class:`~accelcore.interfaces.Detector` that supplies ``decode`` and ``postprocess``
-    (its weights are not used here).
+    ``forward`` maps letterboxed BGR 0-255 images (float32 NCHW or uint8 NHWC) to either the
+    model's raw output (``raw=True``: the model's ``decode`` runs here in fp32) or already-decoded
+    output. ``model`` is the :class:`~accelcore.interfaces.Detector` that supplies ``decode`` and
+    ``postprocess`` (its weights are not used here).
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], Any], model: Detector, *,
@@ -34,10 +34,20 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
-        out = self.forward(images)
+        from accelcore.inference.image_format import UINT8_NHWC, format_of
+
+        nhwc = format_of(images) == UINT8_NHWC
+        input_hw = tuple(images.shape[1:3] if nhwc else images.shape[-2:])
+        return self.detections(self.forward(images), input_hw)
+
+    @torch.inference_mode()
+    def detections(self, out: Any, input_hw: tuple[int, int]) -> list[np.ndarray]:
+        """Decode (``raw=True``) + NMS of a forward's output for images of ``input_hw`` (H, W):
+        the post-processing half of ``__call__``, for callers that run the forward elsewhere
+        (the streaming predictor runs it on its own thread)."""
         if isinstance(out, (list, tuple)):
             out = out[0]
         out = torch.as_tensor(out).float()
         if self.raw:
-            out = self.model.decode(out, tuple(images.shape[-2:]))
+            out = self.model.decode(out, tuple(input_hw))
         return self.model.postprocess(out, self.conf_thre, self.nms_thre)

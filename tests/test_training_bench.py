@@ -77,3 +77,25 @@ def test_bench_train_runs_and_writes_json(tmp_path: Path):
         with_feature = [r for r in rows if r["config"] == "bf16_cl+ipex"]
         assert all(r["status"] == "unavailable" and "train.features[0]: feature 'ipex'"
                    in r["reason"] for r in with_feature)
+
+
+@pytest.mark.slow
+def test_stock_and_auto_rows_run_in_their_own_processes(tmp_path: Path):
+    """`stock` runs untuned in its own process, `auto` resolves per CPU, ratios are vs stock."""
+    from accelcore.machine import has_native
+
+    recipe = load_recipe(data={
+        "model": {"num_classes": 3, "input_size": [64, 64]},
+        "data": {"num_workers": 0, "synthetic": {"images": 4, "val_images": 2, "size": 64,
+                                                 "num_classes": 3,
+                                                 "cache_dir": str(tmp_path / "syn")}},
+        "train": {"batch_size": 2}})
+    rows = bench_train(recipe, ["stock", "fp32", "auto"], ["compute"], iters=1, warmup=0)
+    by = {r["config"]: r for r in rows}
+    assert all(r["status"] == "ok" and r["baseline"] == "stock" for r in rows), rows
+    assert by["stock"]["runtime"].startswith("glibc (stock)")
+    assert by["fp32"]["runtime"].startswith("glibc (tuned)")
+    assert by["stock"]["speedup"] == pytest.approx(1.0)
+    assert by["auto"]["precision"] == ("bf16 + channels_last" if has_native("bf16")
+                                       else "32 + channels_last")
+    assert by["stock"]["precision"] == "32"

@@ -6,8 +6,10 @@ Bad data policy (every message names the file or id involved):
   -> :class:`~accelcore.errors.DataError` at construction;
 * image listed in the json but missing (or empty) on disk -> dropped at construction with one
   ``warnings.warn`` naming the files;
-* image that exists but cannot be decoded -> :class:`DataError` naming the file and image id
-  when it is loaded (decoding every image up front would cost as much as an epoch);
+* image that exists but cannot be decoded -> :class:`~accelcore.errors.ImageReadError` (a
+  :class:`DataError`) naming the file and image id when it is loaded (decoding every image up
+  front would cost as much as an epoch); the training wrapper skips it with
+  ``data.on_bad_image: skip`` (:class:`~accelcore.data.mosaic.MosaicDetection`);
 * annotation partly outside its image -> clipped; dropped if nothing is left; one warning per
   dataset naming the image ids;
 * annotation with a category id not in ``categories`` -> dropped with a warning naming the
@@ -27,11 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from pycocotools.coco import COCO
 
-from accelcore.errors import DataError
+from accelcore.data.preprocess import read_image
+from accelcore.errors import DataError, ImageReadError
 
 # A box sticking out of its image by less than this (pixels) is clipped silently: COCO's own
 # annotations routinely overshoot by a fraction of a pixel.
@@ -233,16 +235,17 @@ class COCODataset:
         return out
 
     def _decode_all(self, threads: int) -> list[np.ndarray]:
-        # cv2.imread releases the GIL, so a small thread pool overlaps decode and file reads.
+        # File reads and OpenCV decodes release the GIL: a small thread pool overlaps them.
         with ThreadPoolExecutor(max(1, threads)) as pool:
             return list(pool.map(self._read, range(len(self.ids))))
 
     def _read(self, index: int) -> np.ndarray:
         path = self._files[index]
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if img is None:
-            raise DataError(f"cannot decode image {path} (image id {self.ids[index]})")
-        return img
+        try:
+            return read_image(path)
+        except ImageReadError as exc:  # the same error, with the image id added
+            text = str(exc).replace(f" {path}:", f" {path} (image id {self.ids[index]}):", 1)
+            raise ImageReadError(text, exc.path) from None
 
     # ------------------------------------------------------------------ dataset protocol
     def __len__(self) -> int:

@@ -2,10 +2,17 @@
 
 Items are ``(image_chw_float32, targets [max_labels, 5], (H, W), image_id)`` with targets
 ``(class, cx, cy, w, h)`` in input pixels — fixed shapes, ready for the training collate.
+
+An image file that cannot be read (:class:`~accelcore.errors.ImageReadError` from the wrapped
+dataset) stops training by default; with ``on_bad_image="skip"`` (recipe key
+``data.on_bad_image``) that sample is replaced by the next readable index — the same one on
+every run, rank and worker — and a warning naming the file is logged once per file (per
+process: each loader worker reports what it meets).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +21,11 @@ import numpy as np
 
 from accelcore.data.augment import TrainTransform, mixup, random_affine
 from accelcore.data.preprocess import PAD_VALUE
+from accelcore.errors import DataError, ImageReadError
+
+log = logging.getLogger(__name__)
+#: Values of ``data.on_bad_image``.
+ON_BAD_IMAGE = ("fail", "skip")
 
 # Recipe keys consumed by MosaicDetection / TrainTransform (multiscale_* belong to the trainer).
 AUGMENT_KEYS = (
@@ -107,8 +119,13 @@ class MosaicDetection:
         enable_mixup: bool = True,
         max_labels: int = 50,
         preproc: TrainTransform | None = None,
+        on_bad_image: str = "fail",
     ) -> None:
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         self._dataset = dataset
+        self.on_bad_image = on_bad_image
+        self._bad: dict[int, str] = {}  # index -> file, of the unreadable images met so far
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.enable_mosaic = bool(mosaic)
         self.mosaic_prob = float(mosaic_prob)
@@ -124,12 +141,13 @@ class MosaicDetection:
 
     @classmethod
     def from_config(
-        cls, dataset: Any, input_size: Sequence[int], augment: Any, mosaic: bool = True
+        cls, dataset: Any, input_size: Sequence[int], augment: Any, mosaic: bool = True,
+        on_bad_image: str = "fail",
     ) -> MosaicDetection:
         """Build from a recipe's augment section (an object with attributes, or a mapping)."""
         get = augment.get if isinstance(augment, dict) else lambda k, d=None: getattr(augment, k, d)
         kwargs = {k: get(k) for k in AUGMENT_KEYS if get(k) is not None}
-        return cls(dataset, input_size, mosaic=mosaic, **kwargs)
+        return cls(dataset, input_size, mosaic=mosaic, on_bad_image=on_bad_image, **kwargs)
 
     # Attributes the engine and evaluation look for on any dataset.
     @property
@@ -150,6 +168,25 @@ class MosaicDetection:
         self.enable_mosaic = False
 
     def _pull(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int], int]:
+        if self.on_bad_image == "fail":
+            return self._pull_raw(index)
+        n = len(self._dataset)
+        # Deterministic replacement: the next index that reads (a function of the index only,
+        # so runs, ranks and worker counts agree); known-bad indices are not decoded again.
+        for step in range(n):
+            candidate = (index + step) % n
+            if candidate in self._bad:
+                continue
+            try:
+                return self._pull_raw(candidate)
+            except ImageReadError as exc:
+                self._bad[candidate] = exc.path
+                log.warning("data.on_bad_image=skip: %s; its samples use the next readable "
+                            "image", exc)
+        raise DataError(f"data.on_bad_image=skip: no image of the {n} in the dataset can be "
+                        f"read (e.g. {next(iter(self._bad.values()), '?')})")
+
+    def _pull_raw(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int], int]:
         pull = getattr(self._dataset, "pull_item", None)
         return pull(index) if pull is not None else self._dataset[index]
 

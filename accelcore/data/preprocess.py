@@ -7,12 +7,37 @@ exactly the pixels the model was trained on.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from accelcore.errors import ImageReadError, one_line
+
 PAD_VALUE = 114
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """The BGR uint8 HWC image in file ``path`` (any format OpenCV decodes).
+
+    Raises :class:`~accelcore.errors.ImageReadError` naming the file when it cannot be read
+    (missing, unreadable) or decoded (empty, truncated header, not an image). Reading the bytes
+    first tells the two apart; both the read and OpenCV's decode release the GIL, so threads
+    overlap them.
+    """
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        reason = exc.strerror or one_line(exc)
+        raise ImageReadError(f"cannot read image {path}: {reason}", str(path)) from None
+    if data.size == 0:
+        raise ImageReadError(f"cannot decode image {path}: empty file", str(path))
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if img is None:
+        raise ImageReadError(f"cannot decode image {path}: not an image OpenCV can decode",
+                             str(path))
+    return img
 
 
 def letterbox_hwc(img: np.ndarray, input_size: Sequence[int]) -> tuple[np.ndarray, float]:

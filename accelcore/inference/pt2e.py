@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
+import types
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -233,21 +236,69 @@ def compile_frozen(module: torch.nn.Module, *, bf16: bool = False,
     time). ``bf16`` runs the graph under bf16 autocast; ``channels_last`` converts the weights
     and the input to NHWC, which the CPU conv kernels prefer.
     """
-    run = _precision_call(module, bf16=bf16, channels_last=channels_last)
+    run = _own_code(_precision_call(module, bf16=bf16, channels_last=channels_last))
 
     # dynamic=False: one specialised graph per batch size; a dynamic-shape compile of the same
     # model took ~5-10x longer here and is not needed for fixed-batch serving.
     compiled = torch.compile(run, dynamic=False)
+    generated: list[Any] = []  # inductor's wrapper modules built for this forward
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         from torch._inductor import config as inductor_config
 
+        before = _generated_modules()
         # inference_mode always (not no_grad): the compiled code is guarded on it, so callers
         # with and without inference_mode would otherwise compile twice.
         with inductor_config.patch(freezing=True), torch.inference_mode():
-            return compiled(images)
+            out = compiled(images)
+        after = _generated_modules()
+        if after is not None and before is not None and len(after) > len(before):
+            generated.extend(after[len(before):])  # this call compiled
+        return out
 
+    release = weakref.finalize(forward, _release_compiled, run.__code__, generated)
+    release.atexit = False  # nothing to free at interpreter exit
     return forward
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own.
+
+    Dynamo keeps compiled graphs in a cache on the *code object*, which every closure made by
+    :func:`_precision_call` shares: each artifact loaded in one process added a cache entry (and
+    its frozen weights) that was never freed, and from the ninth one on dynamo hit its recompile
+    limit and silently ran the model eagerly (found by ``benchmarks/soak.py``). A private code
+    object gives each compiled forward its own cache, dropped with it (:func:`_release_compiled`).
+    """
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
+
+
+def _generated_modules() -> list[Any] | None:
+    """Inductor's list of the Python wrapper modules it generated (each holds its graph's frozen
+    constants); None if this torch version keeps none."""
+    try:
+        from torch._inductor.codecache import PyCodeCache
+    except ImportError:
+        return None
+    modules = getattr(PyCodeCache, "modules", None)
+    return modules if isinstance(modules, list) else None
+
+
+def _release_compiled(code: Any, generated: list[Any]) -> None:
+    """Free what a released compiled forward left in process-wide caches: dynamo's entries on
+    its code object and inductor's references to the modules holding its frozen constants."""
+    reset_code = getattr(torch._dynamo, "reset_code", None)
+    if reset_code is not None:
+        reset_code(code)
+    modules = _generated_modules()
+    if modules is not None and generated:
+        ours = {id(m) for m in generated}
+        modules[:] = [m for m in modules if id(m) not in ours]
+        for module in generated:
+            if sys.modules.get(module.__name__) is module:
+                del sys.modules[module.__name__]
+    generated.clear()
 
 
 def eager_forward(module: torch.nn.Module, *, bf16: bool = False,

@@ -79,7 +79,8 @@ def build_train_loader(dataset: Any, recipe: Any, input_size: tuple[int, int], r
     from accelcore.data.loader import build_train_loader as _build
     from accelcore.data.mosaic import MosaicDetection
 
-    wrapped = MosaicDetection.from_config(dataset, input_size, recipe.data.augment)
+    wrapped = MosaicDetection.from_config(dataset, input_size, recipe.data.augment,
+                                          on_bad_image=recipe.data.on_bad_image)
     return _build(wrapped, recipe.train.batch_size // world_size,
                   num_workers=recipe.data.num_workers, seed=recipe.train.seed, rank=rank,
                   world_size=world_size, drop_last=True)
