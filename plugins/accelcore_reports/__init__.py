@@ -136,17 +136,20 @@ def render_markdown(results: dict) -> str:
     return "\n".join(out)
 
 
-def _spread_labels(points: list[tuple[float, float]], min_gap: float) -> list[float]:
-    """Label y positions (axis fraction units) that keep labels of nearby points apart:
-    points are taken bottom-up, and a label moves up until it is ``min_gap`` away from every
-    label already placed near its x (several fp32 methods sit on the same AP)."""
+def _spread_labels(points: list[tuple[float, float]], min_gap: float,
+                   width: float = 0.22) -> list[float]:
+    """Label y positions that keep labels of nearby points apart: each label takes the first
+    free slot among its own height, one gap up, one gap down, two up, … (several fp32 methods
+    sit on the same AP). ``points`` are (x in axis-width units, y in data units)."""
     placed: list[tuple[float, float]] = []
     out = [0.0] * len(points)
     for i in sorted(range(len(points)), key=lambda k: (points[k][1], points[k][0])):
         x, y = points[i]
-        label_y = y
-        while any(abs(px - x) < 0.18 and abs(py - label_y) < min_gap for px, py in placed):
-            label_y += min_gap
+        for step in range(40):
+            shift = (step + 1) // 2 * (1 if step % 2 else -1) * min_gap if step else 0.0
+            label_y = y + shift
+            if not any(abs(px - x) < width and abs(py - label_y) < min_gap for px, py in placed):
+                break
         placed.append((x, label_y))
         out[i] = label_y
     return out
@@ -183,15 +186,17 @@ def write_png(results: dict, path: Path) -> Path | None:
                        f"{'AP points' if crit.get('kind') == 'absolute' else 'relative'})")
             ys += [base["ap50_95"] - drop]
         ax.set_xscale("log")
-        ax.set_xlim(min(xs) / 1.3, max(xs) * 1.9)  # room for the labels right of the points
+        low, high = min(xs) / 1.3, max(xs) * 2.2  # room for the labels right of the points
+        ax.set_xlim(low, high)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         span = max(ys) - min(ys) or 0.01
-        ax.set_ylim(min(ys) - 0.08 * span, max(ys) + 0.35 * span)
-        # Labels are spread in axis units so they stay apart whatever the AP range is.
-        gap = 0.045 * (ax.get_ylim()[1] - ax.get_ylim()[0])
-        log_x = [math.log10(x) / max(1e-9, math.log10(max(xs) / min(xs)) or 1.0) for x in xs]
+        # Labels are spread in data units of a gap that is a fixed share of the AP range.
+        gap = 0.045 * span * 1.3
+        log_x = [math.log10(x / low) / math.log10(high / low) for x in xs]
         label_y = _spread_labels([(lx, y) for lx, y in zip(log_x, ys, strict=False)], gap)
+        ax.set_ylim(min([*ys, *label_y]) - 0.06 * span, max([*ys, *label_y]) + 0.12 * span)
         for (x, y, name, kind), ly in zip(points, label_y, strict=False):
             chosen = kind == "method" and name == results.get("selected")
             if kind == "reference":
