@@ -106,7 +106,8 @@ def test_tuned_request_batch_uint8_input_and_round_trip(tiny, tmp_path):
     assert acc.input_format == UINT8_NHWC and acc.details["streams"] == 2
     trials = acc.details["request_batch_trials_ms"]
     assert set(trials) == {"1", "2", "4", "8"} and all(ms > 0 for ms in trials.values())
-    assert acc.details["request_batch"] == int(min(trials, key=trials.get))
+    # The fastest one (trials are reported rounded to 0.1 ms: ties are possible).
+    assert trials[str(acc.details["request_batch"])] == min(trials.values())
     for n in (5, 1):  # uneven split (the last request is padded); a single image
         x = images(n, seed=n).round()
         assert rel_err(acc(x), tiny(x)) < FP32_TOL  # float in: converted by __call__

@@ -77,7 +77,35 @@ def load_program(folder: Path) -> torch.nn.Module:
         raise FileNotFoundError(f"artifact payload missing: {path}")
     with contextlib.suppress(ImportError):  # registers the quantized_decomposed/torchao ops
         import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
-    return torch.export.load(str(path)).module()
+    sources = _fx_sources()
+    before = set(sources) if sources is not None else set()
+    module = torch.export.load(str(path)).module()
+    if sources is not None:
+        # torch.fx keeps the generated Python source of every GraphModule it ever built (for
+        # tracebacks), ~0.8 MB per load of yolox_nano, never freed: each load of an artifact
+        # grew the process (found by benchmarks/soak.py). Drop this load's with the module.
+        added = [key for key in sources if key not in before]
+        release = weakref.finalize(module, _forget_fx_sources, added)
+        release.atexit = False
+    return module
+
+
+def _fx_sources() -> dict[str, str] | None:
+    """torch.fx's cache of generated GraphModule sources (None if this torch has none)."""
+    from torch.fx import graph_module
+
+    cache = getattr(getattr(graph_module, "_loader", None), "eval_cache", None)
+    return cache if isinstance(cache, dict) else None
+
+
+def _forget_fx_sources(keys: list[str]) -> None:
+    import linecache
+
+    sources = _fx_sources()
+    for key in keys:
+        if sources is not None:
+            sources.pop(key, None)
+        linecache.cache.pop(key, None)
 
 
 _CONV_TARGETS = ("aten.conv2d", "aten.convolution", "aten._convolution")
@@ -242,21 +270,25 @@ def compile_frozen(module: torch.nn.Module, *, bf16: bool = False,
     # model took ~5-10x longer here and is not needed for fixed-batch serving.
     compiled = torch.compile(run, dynamic=False)
     generated: list[Any] = []  # inductor's wrapper modules built for this forward
+    sources: list[str] = []  # torch.fx sources of the graphs compiling it built
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         from torch._inductor import config as inductor_config
 
-        before = _generated_modules()
+        modules, fx = _generated_modules(), _fx_sources()
+        count = len(modules) if modules is not None else 0
+        fx_count = len(fx) if fx is not None else 0
         # inference_mode always (not no_grad): the compiled code is guarded on it, so callers
         # with and without inference_mode would otherwise compile twice.
         with inductor_config.patch(freezing=True), torch.inference_mode():
             out = compiled(images)
-        after = _generated_modules()
-        if after is not None and before is not None and len(after) > len(before):
-            generated.extend(after[len(before):])  # this call compiled
+        if modules is not None and len(modules) > count:  # this call compiled
+            generated.extend(modules[count:])
+        if fx is not None and len(fx) > fx_count:
+            sources.extend(list(fx)[fx_count:])  # dicts keep insertion order
         return out
 
-    release = weakref.finalize(forward, _release_compiled, run.__code__, generated)
+    release = weakref.finalize(forward, _release_compiled, run.__code__, generated, sources)
     release.atexit = False  # nothing to free at interpreter exit
     return forward
 
@@ -285,9 +317,10 @@ def _generated_modules() -> list[Any] | None:
     return modules if isinstance(modules, list) else None
 
 
-def _release_compiled(code: Any, generated: list[Any]) -> None:
+def _release_compiled(code: Any, generated: list[Any], sources: list[str]) -> None:
     """Free what a released compiled forward left in process-wide caches: dynamo's entries on
-    its code object and inductor's references to the modules holding its frozen constants."""
+    its code object, inductor's references to the modules holding its frozen constants and
+    torch.fx's copies of the generated graph sources."""
     reset_code = getattr(torch._dynamo, "reset_code", None)
     if reset_code is not None:
         reset_code(code)
@@ -299,6 +332,18 @@ def _release_compiled(code: Any, generated: list[Any]) -> None:
             if sys.modules.get(module.__name__) is module:
                 del sys.modules[module.__name__]
     generated.clear()
+    _forget_fx_sources(sources)
+    # ShapeEnv memoises some methods with class-level unbounded lru_caches keyed by the
+    # instance: every compile's shape environment (and the ~1000 fake tensors it tracks) would
+    # stay reachable forever (~5 MB per yolox_nano compile). Pure memoisation: safe to clear.
+    try:
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    except ImportError:
+        return
+    for attribute in vars(ShapeEnv).values():
+        clear = getattr(attribute, "cache_clear", None)
+        if callable(clear):
+            clear()
 
 
 def eager_forward(module: torch.nn.Module, *, bf16: bool = False,

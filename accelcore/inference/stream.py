@@ -70,7 +70,7 @@ class Source:
         return "video" if self.video is not None else "images"
 
 
-def _relative_names(files: list[Path]) -> list[str]:
+def relative_names(files: list[Path]) -> list[str]:
     """Output names: paths relative to the files' common folder (plain names for one folder)."""
     if not files:
         return []
@@ -106,7 +106,7 @@ def resolve_source(text: str) -> Source:
             raise AccelcoreError(f"--source: the list {path} names no image")
     else:
         files = [path]
-    return Source(text, files=files, names=_relative_names(files))
+    return Source(text, files=files, names=relative_names(files))
 
 
 # ---------------------------------------------------------------- options and summary
