@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 from accelcore.errors import BackendUnavailable
 from accelcore.inference.export import INPUT_NAME, OUTPUT_NAME, deploy_form, example_input
 from accelcore.inference.image_format import FLOAT_NCHW, IMAGE_FORMATS, UINT8_NHWC, to_format
+from accelcore.inference.latency import measure_latency
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest
 from accelcore.machine import has_native
 from accelcore_openvino.signal_stack import ensure_signal_stack
@@ -190,14 +189,9 @@ def _tune_request_batch(ov_model: Any, settings: dict,
     best, best_ms = candidates[0], math.inf
     for request_batch in candidates:
         runner = OpenVINORunner(ov_model, settings["hint"], request_batch, settings["streams"])
-        runner(trial)
-        times = []
-        for _ in range(TUNE_CALLS):
-            t0 = time.perf_counter()
-            runner(trial)
-            times.append(1000 * (time.perf_counter() - t0))
+        ms = measure_latency(runner, trial, warmup=1, min_runs=TUNE_CALLS, min_seconds=0.0,
+                             max_runs=TUNE_CALLS)["median_ms"]
         del runner
-        ms = statistics.median(times)
         timings[str(request_batch)] = round(ms, 1)
         if ms < best_ms:
             best, best_ms = request_batch, ms

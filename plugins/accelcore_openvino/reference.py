@@ -12,14 +12,13 @@ reference is given every advantage a careful user would find; none of accelcore'
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from typing import Any
 
 import numpy as np
 import openvino as ov
 import torch
 
+from accelcore.inference.latency import measure_latency
 from accelcore.interfaces import AcceleratedModel, AccelerateRequest
 from accelcore_openvino.signal_stack import ensure_signal_stack
 
@@ -65,13 +64,8 @@ class _Layout:
 
 
 def _median_ms(fn: Any, batch: torch.Tensor) -> float:
-    fn(batch)
-    times = []
-    for _ in range(TRIAL_CALLS):
-        t0 = time.perf_counter()
-        fn(batch)
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return measure_latency(fn, batch, warmup=1, min_runs=TRIAL_CALLS, min_seconds=0.0,
+                           max_runs=TRIAL_CALLS)["median_ms"]
 
 
 def build(name: str, model: torch.nn.Module, request: AccelerateRequest,
