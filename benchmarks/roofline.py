@@ -10,8 +10,8 @@ What it measures, under the project's runtime setup, all cores:
   ``torch._int_mm`` (int8 x int8 -> int32, oneDNN: VNNI or AMX where the CPU has them). A GEMM
   this size is the best case for the hardware; a real network's convolutions (1x1, depthwise,
   small channel counts) reach less, so the bound below is optimistic by construction.
-* ``model_gop_per_image``: 2 x the multiply-adds of every Conv2d / Linear of the model at the
-  given input size, counted with forward hooks on one eager pass.
+* ``model_gop_per_image``: 2 x the multiply-adds of the model's convolutions and matrix
+  products at the given input size (torch's ``FlopCounterMode``, one eager pass).
 * ``bound_ms``: the batch's operations at the int8 (and bf16, fp32) GEMM rate.
 
 With ``--report``, the selected method's measured latency over the int8 bound is printed as
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -36,53 +35,35 @@ def gemm_gops(dtype: str, size: int) -> float:
     """Median GOP/s of ``REPEATS`` ``size``-cube GEMMs in ``dtype`` (after one warm-up)."""
     import torch
 
+    from accelcore.inference.latency import measure_latency
+
     if dtype == "int8":
         a = torch.randint(-128, 127, (size, size), dtype=torch.int8)
         b = torch.randint(-128, 127, (size, size), dtype=torch.int8)
-
-        def run() -> Any:
-            return torch._int_mm(a, b)
+        multiply = torch._int_mm
     else:
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         a = torch.randn(size, size).to(torch_dtype)
         b = torch.randn(size, size).to(torch_dtype)
-
-        def run() -> Any:
-            return torch.mm(a, b)
-    run()
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return 2 * size**3 / statistics.median(times) / 1e9
+        multiply = torch.mm
+    ms = measure_latency(lambda left: multiply(left, b), a, warmup=1, min_runs=REPEATS,
+                         min_seconds=0.0, max_runs=REPEATS)["median_ms"]
+    return 2 * size**3 / (ms / 1000) / 1e9
 
 
 def model_gop_per_image(model_name: str, height: int, width: int) -> float:
-    """2 x multiply-adds of the model's Conv2d and Linear layers for one image."""
+    """Operations of one image (torch's ``FlopCounterMode``: 2 x the multiply-adds of the
+    convolutions and matrix products; elementwise layers are not counted)."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from accelcore.registry import create_model
 
     model = create_model(model_name).eval()
-    macs = 0
-
-    def count(module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        nonlocal macs
-        if isinstance(module, torch.nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] \
-                * module.kernel_size[1]
-            macs += output.numel() * per_output
-        elif isinstance(module, torch.nn.Linear):
-            macs += output.numel() * module.in_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    with torch.no_grad():
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
         model(torch.zeros(1, 3, height, width))
-    for hook in hooks:
-        hook.remove()
-    return 2 * macs / 1e9
+    return counter.get_total_flops() / 1e9
 
 
 def main() -> None:
