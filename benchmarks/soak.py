@@ -24,11 +24,12 @@ soak. In the child:
 ``--jobs`` children (default 2) run at a time, each with cores / jobs threads: loading is
 mostly single-threaded Python (``torch.export.load`` of an eager artifact takes ~3.5 s), so two
 children keep both cores busy. Runtime on 2 cores at the defaults: ~1.5 min to make the
-artifacts, then ~11 min for the five types, set by the eager artifact's 100 loads (~6 min) and
-inductor: it compiles again on the first call after every load (~20-30 s each), so the load
-cycles of a type slower than 10 s per cycle stop after ``--max-load-seconds`` (default 240 s)
-and the row records how many ran (``loads_done``, ``loads_note``); ``--max-load-seconds 0``
-runs all of them (~40 min more for inductor). Results: ``benchmarks/results/soak_<date>.json``
+artifacts, then ~8 min for the five types, set by the eager artifact's 100 loads (~6 min).
+Inductor artifacts load their ahead-of-time package in milliseconds; an artifact that compiles on
+its first call after every load (one loaded on a CPU its package was not built for: ~20-30 s
+each) has its load cycles stopped after ``--max-load-seconds`` (default 240 s) when slower than
+10 s per cycle, and the row records how many ran (``loads_done``, ``loads_note``);
+``--max-load-seconds 0`` runs all of them. Results: ``benchmarks/results/soak_<date>.json``
 and a table on stdout.
 """
 
@@ -48,8 +49,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Longest first: with two at a time the two slow loaders (eager: torch.export.load ~3.5 s;
-# inductor: a compile per load) run side by side.
+# Longest first: the slowest loader (eager: torch.export.load ~3.5 s) starts at once.
 DEFAULT_METHODS = ("original", "inductor_fp32", "jit_fp32", "openvino_int8", "onnxruntime_fp32")
 GROWTH_TARGET_PCT = 5.0
 #: A load cycle slower than this compiles on its first call; only those are cut short by

@@ -36,7 +36,9 @@ def _check(method: str, model: torch.nn.Module, tmp_path) -> None:
         assert rel_err(out, ref) > 1e-5  # really quantized
     else:
         assert rel_err(out, ref) < TOL[method], rel_err(out, ref)
+    assert acc.details["compiled"]["mode"] == "aot"  # built ahead of time, for this CPU
     loaded = reload(method, acc, tmp_path / "artifact")
+    assert loaded.details["compiled"]["mode"] == "aot"
     torch.testing.assert_close(loaded(x), out, rtol=1e-3, atol=1e-3)
 
 

@@ -361,19 +361,36 @@ def eager_forward(module: torch.nn.Module, *, bf16: bool = False,
     return forward
 
 
+class PrecisionModule(torch.nn.Module):
+    """``module`` called in the requested layout/precision, output cast back to float32
+    (shared by the eager, the just-in-time and the ahead-of-time compiled paths).
+
+    ``channels_last`` converts the weights (in place, once) and each input to NHWC; ``bf16``
+    runs the module under bf16 autocast.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, bf16: bool, channels_last: bool) -> None:
+        super().__init__()
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.inner = module
+        self.bf16, self.channels_last = bf16, channels_last
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.inner(images).float()
+        return self.inner(images).float()
+
+
 def _precision_call(module: torch.nn.Module, *, bf16: bool,
                     channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module`` called in the requested layout/precision, output cast back to float32
-    (shared by the eager and the compiled paths)."""
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
+    """A plain function calling :class:`PrecisionModule` (dynamo caches per function code)."""
+    wrapped = PrecisionModule(module, bf16=bf16, channels_last=channels_last)
 
     def run(images: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if bf16:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return module(images).float()
-        return module(images).float()
+        return wrapped(images)
 
     return run

@@ -3,12 +3,14 @@
 ``neural_compressor.torch`` export → ``prepare(model, StaticQuantConfig)`` → calibration on real
 images → ``convert``. Without IPEX (our torch 2.13 environment) INC routes this through PT2E
 with torchao's X86InductorQuantizer, so the result is a Q/DQ graph that only runs int8 kernels
-after ``torch.compile`` with inductor freezing (``accelcore.inference.pt2e.compile_frozen``).
+after inductor compiles it with freezing (``accelcore.inference.aot``).
 Only the raw-output network is quantized; decode (exp, sigmoid) stays in fp32 in the core.
 
 Weights int8 per-channel symmetric, activations uint8 per-tensor with min/max ranges; the
 predictor convs that feed the output stay fp32 (option ``fp32_output_convs``, default true).
-Artifact payload: ``model.pt2`` (the quantized exported program), compiled again at load.
+Compiled ahead of time (``accelcore.inference.aot``); artifact payload: ``compiled.pt2`` (the
+AOTInductor package for this CPU) and ``model.pt2`` (the portable quantized program, compiled again
+on first call where the package cannot run).
 """
 
 from __future__ import annotations
@@ -64,21 +66,22 @@ class IncBackend(Backend):
         converted, details = quantize_inc(
             model, example_input(request.input_size), request.calibration,
             fp32_output_convs=bool(request.options.get("fp32_output_convs", True)))
-        return self._build(method, converted, request.input_size, details)
+        from accelcore.inference.aot import compile_ahead
+
+        forward, save, compiled = compile_ahead(converted, request.input_size, request.work_dir)
+        return self._accelerated(method, forward, save, {**details, **compiled})
 
     def load(self, method: str, folder: Path, manifest: dict) -> AcceleratedModel:
-        from accelcore.inference.pt2e import load_program
+        from accelcore.inference.aot import load_compiled
 
-        return self._build(method, load_program(folder), manifest["input_size"],
-                           manifest.get("details") or {})
+        details = manifest.get("details") or {}
+        forward, save, compiled = load_compiled(folder, details)
+        return self._accelerated(method, forward, save, {**details, **compiled})
 
-    def _build(self, method: str, module: Any, input_size: Any,
-               details: dict) -> AcceleratedModel:
-        from accelcore.inference.pt2e import compile_frozen, program_saver
-
-        return AcceleratedModel(method=method, precision="int8", forward=compile_frozen(module),
-                                save=program_saver(module, input_size),
-                                details={"freezing": True, **details})
+    def _accelerated(self, method: str, forward: Any, save: Any,
+                     details: dict) -> AcceleratedModel:
+        return AcceleratedModel(method=method, precision="int8", forward=forward, save=save,
+                                details={**details, "freezing": True})
 
 
 plugin = IncBackend()

@@ -8,8 +8,10 @@ weights, calibrated on real images) lowered by inductor to int8 oneDNN convoluti
 ``observer`` ("minmax", default, or "histogram"), ``reduce_range`` (7-bit activations; default
 false — it cost 2.8 AP here). Every method takes ``channels_last`` (bool) to override its layout.
 
-Artifact payload: ``model.pt2`` (the fp32 or quantized exported program); loading compiles it
-again the same way (the first call compiles; kernels are cached in TORCHINDUCTOR_CACHE_DIR).
+Compiled ahead of time (``accelcore.inference.aot``: AOTInductor, same inductor and freezing,
+a C++ wrapper instead of a Python one). Artifact payload: ``compiled.pt2`` (the package, for the
+CPU and torch it was built with) and ``model.pt2`` (the portable exported program, compiled again
+on first call where the package cannot run).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class InductorBackend(Backend):
     packages = ("torchao",)
 
     def accelerate(self, method: str, model: Any, request: AccelerateRequest) -> AcceleratedModel:
+        from accelcore.inference.aot import compile_ahead
+
         details: dict = {}
         if method == "inductor_int8":
             from accelcore.inference.export import example_input
@@ -51,29 +55,31 @@ class InductorBackend(Backend):
                 reduce_range=bool(options.get("reduce_range", False)),
                 fp32_output_convs=bool(options.get("fp32_output_convs", True)),
                 observer=str(options.get("observer", "minmax")))
-        return self._build(method, model, request.input_size, details,
-                           request.options.get("channels_last"))
+        bf16, layout = self._precision(method, request.options.get("channels_last"))
+        forward, save, compiled = compile_ahead(model, request.input_size, request.work_dir,
+                                                bf16=bf16, channels_last=layout)
+        return self._accelerated(method, forward, save, {**details, **compiled}, bf16, layout)
 
     def load(self, method: str, folder: Path, manifest: dict) -> AcceleratedModel:
-        from accelcore.inference.pt2e import load_program
+        from accelcore.inference.aot import load_compiled
 
         details = manifest.get("details") or {}
-        return self._build(method, load_program(folder), manifest["input_size"], details,
-                           details.get("channels_last"))
+        bf16, layout = self._precision(method, details.get("channels_last"))
+        forward, save, compiled = load_compiled(folder, details, bf16=bf16, channels_last=layout)
+        return self._accelerated(method, forward, save, {**details, **compiled}, bf16, layout)
 
-    def _build(self, method: str, module: Any, input_size: Any, details: dict,
-               channels_last: bool | None) -> AcceleratedModel:
-        from accelcore.inference.pt2e import compile_frozen, program_saver
-
+    def _precision(self, method: str, channels_last: bool | None) -> tuple[bool, bool]:
+        """(bf16 autocast, channels_last) of ``method``, the layout overridable."""
         row = self.methods[method]
-        bf16 = row.compute == "bf16"
         layout = row.channels_last if channels_last is None else bool(channels_last)
+        return row.compute == "bf16", layout
+
+    def _accelerated(self, method: str, forward: Any, save: Any, details: dict, bf16: bool,
+                     layout: bool) -> AcceleratedModel:
         return AcceleratedModel(
-            method=method, precision=row.compute,
-            forward=compile_frozen(module, bf16=bf16, channels_last=layout),
-            save=program_saver(module, input_size),
-            details={"freezing": True, "autocast": "bf16" if bf16 else None,
-                     "channels_last": layout, **details})
+            method=method, precision=self.methods[method].compute, forward=forward, save=save,
+            details={**details, "freezing": True, "autocast": "bf16" if bf16 else None,
+                     "channels_last": layout})
 
 
 plugin = InductorBackend()
