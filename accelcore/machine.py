@@ -38,6 +38,11 @@ def _real_flags() -> frozenset[str]:
     return frozenset(_cpuinfo_field("flags").split())
 
 
+def real_cpu_flags() -> frozenset[str]:
+    """The flags of the CPU itself, never faked (for code compiled for this machine)."""
+    return _real_flags()
+
+
 def cpu_flags() -> set[str]:
     """The CPU feature flags (``ACCELCORE_CPU_FLAGS`` if set, else /proc/cpuinfo; may be empty)."""
     faked = os.environ.get(FLAGS_ENV)

@@ -1,0 +1,97 @@
+"""The fused training BatchNorm2d + SiLU kernel computes what silu(bn(x)) computes: output,
+input/weight/bias gradients and running statistics; everything it does not cover is the eager
+path, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from accelcore.training import bn_silu as fused
+
+pytestmark = pytest.mark.skipif(fused.extension() is None,
+                                reason="the kernel cannot be built here (no C++ compiler)")
+
+
+def _case(dtype: torch.dtype, channels: int = 24, size: int = 9,
+          channels_last: bool = True) -> tuple[nn.BatchNorm2d, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(channels, eps=1e-3, momentum=0.03)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(3, channels, size, size + 2) * 2 + 1).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape).to(dtype)
+    return bn, x, grad
+
+
+def _run(bn: nn.BatchNorm2d, x: torch.Tensor, grad: torch.Tensor, use_fused: bool):
+    bn = copy.deepcopy(bn)
+    x = x.clone().requires_grad_()
+    y = fused.bn_silu(x, bn) if use_fused else F.silu(bn(x))
+    y.backward(grad)
+    return y.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var, bn
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_matches_eager_batchnorm_and_silu(dtype, tol):
+    bn, x, grad = _case(dtype)
+    assert fused.fusable(x, bn)
+    got, want = _run(bn, x, grad, True), _run(bn, x, grad, False)
+    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=torch.channels_last)
+    for name, a, b in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"),
+                          got[:6], want[:6], strict=True):
+        assert _rel(a, b) < tol, (name, _rel(a, b))
+    assert int(got[6].num_batches_tracked) == int(want[6].num_batches_tracked) == 1
+
+
+def test_channel_count_not_a_multiple_of_the_tile():
+    bn, x, grad = _case(torch.float32, channels=7, size=5)  # 1024 % 7 != 0, short last tile
+    got, want = _run(bn, x, grad, True), _run(bn, x, grad, False)
+    for a, b in zip(got[:6], want[:6], strict=True):
+        assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["eval", "nchw", "float64", "switched_off", "no_kernel"])
+def test_everything_else_is_exactly_eager(case, monkeypatch):
+    dtype = torch.float64 if case == "float64" else torch.float32
+    bn, x, grad = _case(dtype, channels_last=case != "nchw")
+    if case == "float64":
+        bn = bn.double()
+    if case == "eval":
+        bn.eval()
+    if case == "switched_off":
+        monkeypatch.setenv(fused.SWITCH_ENV, "0")
+    if case == "no_kernel":
+        monkeypatch.setattr(fused, "extension", lambda: None)
+    assert not fused.fusable(x, bn)
+    got, want = _run(bn, x, grad, True), _run(bn, x, grad, False)
+    for a, b in zip(got[:6], want[:6], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_yolox_conv_blocks_train_through_the_kernel(monkeypatch):
+    from accelcore import create_model
+
+    model = create_model("yolox_nano", num_classes=3).to(memory_format=torch.channels_last)
+    calls = []
+    real = fused._FusedBnSilu.apply
+    monkeypatch.setattr(fused._FusedBnSilu, "apply", lambda *a: calls.append(1) or real(*a))
+    x = (torch.rand(2, 3, 64, 64) * 255).contiguous(memory_format=torch.channels_last)
+    model.head(model.backbone(x))
+    assert len(calls) > 50  # every Conv-BN-SiLU block of the network
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model.head(model.backbone(x))
+    assert not calls
