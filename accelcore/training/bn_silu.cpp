@@ -42,7 +42,26 @@ inline void store(uint16_t* p, float v) {
   *p = static_cast<uint16_t>(bits >> 16);
 }
 
-inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
+// exp inlined (range reduction to 2^n * e^r, |r| <= ln2/2, degree-5 minimax polynomial for
+// e^r - 1 - r): unlike a libm call it stays in vector registers inside the loops.
+inline float exp_inline(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return e * scale;
+}
+
+inline float sigmoid(float z) { return 1.f / (1.f + exp_inline(-z)); }
 
 struct Tiling {
   int64_t channels, rows, tile_rows, tile, tiles;
