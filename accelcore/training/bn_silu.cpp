@@ -26,6 +26,9 @@ namespace {
 constexpr int64_t kTileValues = 1024;
 constexpr int64_t kTilesPerFlush = 64;  // float partial sums go to double this often
 
+// Every pointer in the loops is __restrict__: with float storage the compiler must otherwise
+// assume the output may alias the float accumulators and constants, and did not vectorise (the
+// float32 backward ran 4.6x slower than the bfloat16 one).
 // Storage types: float, or bfloat16 handled as raw bits (round to nearest even).
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) {
@@ -114,8 +117,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   const Tiling tiling(x.size(1), x.numel() / x.size(1));
   const int64_t channels = tiling.channels, rows = tiling.rows;
   const T* xp = static_cast<const T*>(x.data_ptr());
-  auto sums = channel_sums(tiling, [&](int64_t t, float* s, float* sq) {
-    const T* in = xp + t * tiling.tile;
+  auto sums = channel_sums(tiling, [&](int64_t t, float* __restrict__ s, float* __restrict__ sq) {
+    const T* __restrict__ in = xp + t * tiling.tile;
     const int64_t n = tiling.values(t);
     for (int64_t j = 0; j < n; ++j) {
       const float v = to_float(in[j]);
@@ -139,13 +142,15 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
     scale[c] = static_cast<float>(w[c] * is);
     shift[c] = static_cast<float>(b[c] - m * w[c] * is);
   }
-  const auto k = tiling.repeat(scale), d = tiling.repeat(shift);
+  const auto k_tile = tiling.repeat(scale), d_tile = tiling.repeat(shift);
+  const float* __restrict__ k = k_tile.data();
+  const float* __restrict__ d = d_tile.data();
   at::Tensor y = at::empty_like(x);
   T* yp = static_cast<T*>(y.data_ptr());
   at::parallel_for(0, tiling.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const T* in = xp + t * tiling.tile;
-      T* out = yp + t * tiling.tile;
+      const T* __restrict__ in = xp + t * tiling.tile;
+      T* __restrict__ out = yp + t * tiling.tile;
       const int64_t n = tiling.values(t);
       for (int64_t j = 0; j < n; ++j) {
         const float z = to_float(in[j]) * k[j] + d[j];
@@ -173,15 +178,19 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
     scale[c] = w[c] * is[c];
     shift[c] = b[c] - mu[c] * scale[c];
   }
-  const auto k = tiling.repeat(scale), d = tiling.repeat(shift), m = tiling.repeat(centre);
+  const auto k_tile = tiling.repeat(scale), d_tile = tiling.repeat(shift);
+  const auto m_tile = tiling.repeat(centre);
+  const float* __restrict__ k = k_tile.data();
+  const float* __restrict__ d = d_tile.data();
+  const float* __restrict__ m = m_tile.data();
   // Pass 1: dz = dy * silu'(z), z = x * scale + shift, stored (in the storage type, as eager
   // SiLU's backward stores it) in grad_x; per channel: sum dz, sum dz * (x - mean).
   at::Tensor grad_x = at::empty_like(x);
   T* dp = static_cast<T*>(grad_x.data_ptr());
-  auto sums = channel_sums(tiling, [&](int64_t t, float* sdz, float* sdzx) {
-    const T* in = xp + t * tiling.tile;
-    const T* g = gp + t * tiling.tile;
-    T* out = dp + t * tiling.tile;
+  auto sums = channel_sums(tiling, [&](int64_t t, float* __restrict__ sdz, float* __restrict__ sdzx) {
+    const T* __restrict__ in = xp + t * tiling.tile;
+    const T* __restrict__ g = gp + t * tiling.tile;
+    T* __restrict__ out = dp + t * tiling.tile;
     const int64_t n = tiling.values(t);
     for (int64_t j = 0; j < n; ++j) {
       const float v = to_float(in[j]);
@@ -206,12 +215,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
     c_off[c] = static_cast<float>(w[c] * is[c] * sum_dz / rows);
     c_x[c] = static_cast<float>(w[c] * is[c] * is[c] * sum_dzx / rows);  // times (x - mean)
   }
-  const auto kdz = tiling.repeat(c_dz), koff = tiling.repeat(c_off), kx = tiling.repeat(c_x);
+  const auto kdz_tile = tiling.repeat(c_dz), koff_tile = tiling.repeat(c_off);
+  const auto kx_tile = tiling.repeat(c_x);
+  const float* __restrict__ kdz = kdz_tile.data();
+  const float* __restrict__ koff = koff_tile.data();
+  const float* __restrict__ kx = kx_tile.data();
   // Pass 2, in place: dz -> dx.
   at::parallel_for(0, tiling.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const T* in = xp + t * tiling.tile;
-      T* io = dp + t * tiling.tile;
+      const T* __restrict__ in = xp + t * tiling.tile;
+      T* __restrict__ io = dp + t * tiling.tile;
       const int64_t n = tiling.values(t);
       for (int64_t j = 0; j < n; ++j) {
         const float v = to_float(in[j]);
