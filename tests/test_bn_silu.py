@@ -95,3 +95,13 @@ def test_yolox_conv_blocks_train_through_the_kernel(monkeypatch):
     with torch.no_grad():
         model.head(model.backbone(x))
     assert not calls
+
+
+def test_statistics_hold_for_a_large_mean_and_a_small_spread():
+    """E[x^2] - E[x]^2 in float would lose the variance here; the kernel shifts first."""
+    bn, x, grad = _case(torch.float32)
+    x = (x * 0.1 + 100.0).contiguous(memory_format=torch.channels_last)
+    got, want = _run(bn, x, grad, True), _run(bn, x, grad, False)
+    for name, a, b in zip(("y", "dx", "running_var"), (got[0], got[1], got[5]),
+                          (want[0], want[1], want[5]), strict=True):
+        assert _rel(a, b) < 1e-3, (name, _rel(a, b))

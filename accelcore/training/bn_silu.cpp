@@ -79,6 +79,14 @@ struct Tiling {
   }
 };
 
+// body(offset, values) for every tile, in parallel.
+template <typename F>
+void for_each_tile(const Tiling& tiling, F body) {
+  at::parallel_for(0, tiling.tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) body(t * tiling.tile, tiling.values(t));
+  });
+}
+
 // Two per-channel sums over every value: body(t, a, b) adds tile t into a[], b[] (tile long).
 template <typename F>
 std::vector<double> channel_sums(const Tiling& tiling, F body) {
@@ -117,11 +125,18 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   const Tiling tiling(x.size(1), x.numel() / x.size(1));
   const int64_t channels = tiling.channels, rows = tiling.rows;
   const T* xp = static_cast<const T*>(x.data_ptr());
+  // Sums of x - shift, shift = the first row: E[x^2] - E[x]^2 of raw values cancels
+  // catastrophically when a channel's mean is large against its spread (float partial sums);
+  // shifted by a sample of the same channel the two terms stay small.
+  std::vector<float> first(channels);
+  for (int64_t c = 0; c < channels; ++c) first[c] = to_float(xp[c]);
+  const auto shift_tile = tiling.repeat(first);
+  const float* __restrict__ o = shift_tile.data();
   auto sums = channel_sums(tiling, [&](int64_t t, float* __restrict__ s, float* __restrict__ sq) {
     const T* __restrict__ in = xp + t * tiling.tile;
     const int64_t n = tiling.values(t);
     for (int64_t j = 0; j < n; ++j) {
-      const float v = to_float(in[j]);
+      const float v = to_float(in[j]) - o[j];
       s[j] += v;
       sq[j] += v * v;
     }
@@ -133,8 +148,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   const float* w = weight.data_ptr<float>();
   const float* b = bias.data_ptr<float>();
   for (int64_t c = 0; c < channels; ++c) {
-    const double m = sums[c] / rows;
-    const double v = std::max(sums[channels + c] / rows - m * m, 0.0);
+    const double shifted = sums[c] / rows;
+    const double m = first[c] + shifted;
+    const double v = std::max(sums[channels + c] / rows - shifted * shifted, 0.0);
     const double is = 1.0 / std::sqrt(v + eps);
     mean.data_ptr<float>()[c] = static_cast<float>(m);
     var.data_ptr<float>()[c] = static_cast<float>(v);
@@ -147,15 +163,12 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   const float* __restrict__ d = d_tile.data();
   at::Tensor y = at::empty_like(x);
   T* yp = static_cast<T*>(y.data_ptr());
-  at::parallel_for(0, tiling.tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const T* __restrict__ in = xp + t * tiling.tile;
-      T* __restrict__ out = yp + t * tiling.tile;
-      const int64_t n = tiling.values(t);
-      for (int64_t j = 0; j < n; ++j) {
-        const float z = to_float(in[j]) * k[j] + d[j];
-        store(out + j, z * sigmoid(z));
-      }
+  for_each_tile(tiling, [&](int64_t offset, int64_t n) {
+    const T* __restrict__ in = xp + offset;
+    T* __restrict__ out = yp + offset;
+    for (int64_t j = 0; j < n; ++j) {
+      const float z = to_float(in[j]) * k[j] + d[j];
+      store(out + j, z * sigmoid(z));
     }
   });
   return {y, mean, invstd, var};
@@ -221,15 +234,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
   const float* __restrict__ koff = koff_tile.data();
   const float* __restrict__ kx = kx_tile.data();
   // Pass 2, in place: dz -> dx.
-  at::parallel_for(0, tiling.tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const T* __restrict__ in = xp + t * tiling.tile;
-      T* __restrict__ io = dp + t * tiling.tile;
-      const int64_t n = tiling.values(t);
-      for (int64_t j = 0; j < n; ++j) {
-        const float v = to_float(in[j]);
-        store(io + j, kdz[j] * to_float(io[j]) - koff[j] - kx[j] * (v - m[j]));
-      }
+  for_each_tile(tiling, [&](int64_t offset, int64_t n) {
+    const T* __restrict__ in = xp + offset;
+    T* __restrict__ io = dp + offset;
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = to_float(in[j]);
+      store(io + j, kdz[j] * to_float(io[j]) - koff[j] - kx[j] * (v - m[j]));
     }
   });
   return {grad_x, grad_weight, grad_bias};
