@@ -100,7 +100,10 @@ class Detector(Protocol):
     * Optional, not checked: ``deploy_form()`` → an eval copy computing exactly the same raw
       output with ops graph runtimes run fast (YOLOX folds its Focus stem's strided slices into
       one convolution); graph backends convert that form
-      (:func:`accelcore.inference.export.deploy_form`).
+      (:func:`accelcore.inference.export.deploy_form`). ``postprocess_raw(raw, input_hw,
+      conf_thre, nms_thre)`` → exactly ``postprocess(decode(raw, input_hw), conf_thre,
+      nms_thre)``, computed faster (YOLOX decodes only the anchors that can pass the score
+      threshold); :class:`~accelcore.predictor.Predictor` uses it when present.
 
     What a saved checkpoint was made for (model name, class count) is read before any model
     exists, so it is not a member here: the model plugin answers the

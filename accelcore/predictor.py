@@ -49,5 +49,8 @@ class Predictor:
             out = out[0]
         out = torch.as_tensor(out).float()
         if self.raw:
+            fused = getattr(self.model, "postprocess_raw", None)
+            if fused is not None:  # optional Detector member: decode only what can pass
+                return fused(out, tuple(input_hw), self.conf_thre, self.nms_thre)
             out = self.model.decode(out, tuple(input_hw))
         return self.model.postprocess(out, self.conf_thre, self.nms_thre)

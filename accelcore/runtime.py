@@ -52,6 +52,30 @@ def configure_threads(n: int | None, interop: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+#: How much lower the scheduling priority of input work (training loader workers, the streaming
+#: predictor's decode threads) is than the compute's: see :func:`lower_priority`.
+INPUT_NICE = 10
+
+
+def lower_priority(nice: int = INPUT_NICE) -> None:
+    """Raise the calling thread's nice value by ``nice``; threads it starts inherit it.
+
+    Input work (JPEG decoding, augmentation) runs at a lower priority than the compute. As
+    equals on the same cores, a decode that preempts one of the runtime's threads mid-layer
+    stalls the whole parallel region at its next barrier: the model ran ~30% below its own rate
+    while streaming. Lower, the input work takes the cores when the compute waits — which is
+    when the next batch is needed — so no work is lost, only the stalls. Measured on a 2-core
+    Zen 4: streaming 416 px int8 over coco128 ~145 -> ~165 img/s; training e2e/compute 89-91%
+    -> 99-107%. Linux only (a per-thread attribute there); elsewhere, or where it is refused,
+    nothing changes.
+    """
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):
+        current = os.getpriority(os.PRIO_PROCESS, 0)  # 0: the calling thread, on Linux
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, current + nice))
+
+
 def _libc_function(name: str) -> ctypes._CFuncPtr | None:
     """``name`` from the C library, or None where there is no such library or function."""
     if os.name != "posix":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +158,29 @@ def test_eval_loader_letterboxes_in_order() -> None:
     assert seen == [1000, 1001, 1002, 1003, 1004]
     sub = build_eval_loader(ds, 4, (32, 32), indices=[3, 1])
     assert next(iter(sub))[2] == [1003, 1001]
+
+
+class PriorityDataset(IndexDataset):
+    """Stamps each image with the nice value of the process that produced it."""
+
+    def pull_item(self, i: int):
+        img, boxes, hw, image_id = super().pull_item(i)
+        img[:4, :4] = os.getpriority(os.PRIO_PROCESS, 0)  # a block survives the resize
+        return img, boxes, hw, image_id
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="per-thread nice values are a Linux property")
+def test_loader_workers_yield_the_cores_to_the_step() -> None:
+    """Worker processes run INPUT_NICE lower than the training step; the step keeps its own."""
+    from accelcore.runtime import INPUT_NICE
+
+    main_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    wrap = MosaicDetection(PriorityDataset(8), (64, 64), mosaic=False, enable_mixup=False,
+                           max_labels=10, flip_prob=0.0, hsv_prob=0.0)
+    for workers, expected in ((2, min(19, main_nice + INPUT_NICE)), (0, main_nice)):
+        loader = build_train_loader(wrap, batch_size=4, num_workers=workers, seed=1)
+        images = torch.cat([images for images, _ in collect(loader, 0)])
+        # The stamped pixel went through letterbox (top-left stays put) and HWC -> CHW.
+        assert set(images[:, 0, 0, 0].round().int().tolist()) == {expected}, workers
+    assert os.getpriority(os.PRIO_PROCESS, 0) == main_nice

@@ -5,7 +5,9 @@ Ray Data path on a local 2-worker cluster."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 import threading
 import time
 from pathlib import Path
@@ -154,6 +156,30 @@ def test_read_ahead_is_bounded(tmp_path, monkeypatch):
     for k, count in enumerate(timed):
         assert count <= (k + 3) * 2 + 2 + 2, (k, count, timed)
     assert timed[0] < 48
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority") or not sys.platform.startswith("linux"),
+                    reason="per-thread nice values are a Linux property")
+def test_decode_threads_yield_to_the_runtime(tmp_path, monkeypatch):
+    """The readers run at a lower priority (higher nice) than the calling thread; the calling
+    thread (and so the runtime's threads it starts) keeps its own."""
+    write_indexed(tmp_path / "src", 6)
+    plain_read = stream.read_image
+    seen: list[int] = []
+
+    def reporting_read(path):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return plain_read(path)
+
+    monkeypatch.setattr(stream, "read_image", reporting_read)
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for nice, expected in ((7, min(19, main_nice + 7)), (0, main_nice)):
+        seen.clear()
+        stream_predict(echo_model(batch_size=2), resolve_source(str(tmp_path / "src")), None,
+                       StreamOptions(save=False, readers=2, model_seconds=0.0,
+                                     reader_nice=nice))
+        assert seen and set(seen) == {expected}, (nice, seen)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
 
 
 def test_summary_fields_and_no_save(tmp_path):

@@ -92,3 +92,56 @@ def test_model_postprocess_fast_on_nano_sized_batch():
     assert all((o[:, 4] >= 0.001).all() and (np.diff(o[:, 4]) <= 0).all() for o in out)
     # generous bound for a shared 2-core machine (typically well under 1 s)
     assert elapsed < 10, elapsed
+
+
+def _raw_batch(batch: int, size: int, num_classes: int, seed: int) -> torch.Tensor:
+    """A raw head output for ``size`` px: most anchors with low objectness, like a trained
+    model, a few confident ones, and class logits spread out."""
+    anchors = pp.make_grids((size, size))[0].shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randn(batch, anchors, 5 + num_classes, generator=gen)
+    raw[..., 4] = raw[..., 4] * 3 - 6
+    raw[..., 5:] *= 4
+    return raw
+
+
+@pytest.mark.parametrize(("conf", "nms_thre", "agnostic", "max_det"),
+                         [(0.001, 0.65, False, 300), (0.3, 0.45, False, 300),
+                          (0.05, 0.5, True, 300), (0.01, 0.65, False, 5), (0.999, 0.5, False, 0)])
+def test_postprocess_raw_equals_decode_then_postprocess(conf, nms_thre, agnostic, max_det):
+    raw = _raw_batch(6, 160, 7, seed=int(conf * 1000))
+    raw[3, :, 4] = -30  # one image with no candidate at all
+    full = pp.postprocess(pp.decode_outputs(raw, (160, 160)), conf, nms_thre,
+                          class_agnostic=agnostic, max_det=max_det)
+    fast = pp.postprocess_raw(raw, (160, 160), conf_thre=conf, nms_thre=nms_thre,
+                              class_agnostic=agnostic, max_det=max_det)
+    assert len(fast) == len(full) == 6
+    assert len(fast[3]) == 0
+    assert sum(len(d) for d in full) > 0 or conf > 0.9
+    for a, b in zip(full, fast, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a[:, 5], b[:, 5])
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-4)
+
+
+def test_postprocess_raw_rejects_a_mismatched_input_size():
+    raw = _raw_batch(1, 160, 3, seed=0)
+    with pytest.raises(ValueError, match=r"input size \(192, 192\)"):
+        pp.postprocess_raw(raw, (192, 192))
+
+
+def test_predictor_uses_the_models_fused_path():
+    from accelcore.predictor import Predictor
+
+    model = registry.create_model("yolox_nano", num_classes=4).eval()
+    model.output_mode = "raw"
+    raw = _raw_batch(2, 160, 4, seed=1)
+    predictor = Predictor(lambda x: raw, model, raw=True, conf_thre=0.01, nms_thre=0.65)
+    got = predictor.detections(raw, (160, 160))
+    want = model.postprocess(model.decode(raw, (160, 160)), 0.01, 0.65)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-4)
+    calls = []
+    model.postprocess_raw = lambda *args: calls.append(args) or []
+    predictor.detections(raw, (160, 160))
+    assert len(calls) == 1 and calls[0][1:] == ((160, 160), 0.01, 0.65)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from accelcore.data.preprocess import letterbox
 from accelcore.errors import DataError
+from accelcore.runtime import INPUT_NICE, lower_priority
 
 
 def _mix(*values: int) -> int:
@@ -152,6 +153,7 @@ def _worker_init(seed: int, rank: int, worker_id: int) -> None:
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
+    lower_priority(INPUT_NICE)  # augmentation yields the cores to the training step
     # Deliberately no cv2.setNumThreads() here: reconfiguring OpenCV's thread pool inherited
     # through fork() deadlocks (pthread_cond_destroy on the parent's pool state).
 

@@ -46,6 +46,7 @@ import torch
 from accelcore.data.preprocess import PAD_VALUE, letterbox_hwc, read_image
 from accelcore.errors import AccelcoreError, ImageReadError
 from accelcore.inference.image_format import UINT8_NHWC, to_format
+from accelcore.runtime import INPUT_NICE, lower_priority
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -119,7 +120,9 @@ class StreamOptions:
     detections json (False: timing only); ``fail_fast``: stop at the first unreadable file
     instead of skipping it; ``readers``: decode threads (None: the usable cores, 2 to 4);
     ``queue_batches``: batches buffered between two stages; ``model_seconds``: minimum wall
-    time of the forward-only measurement (0: not measured)."""
+    time of the forward-only measurement (0: not measured); ``reader_nice``: how much lower
+    the decode threads' scheduling priority is than the runtime's (0: the same; see
+    :func:`accelcore.runtime.lower_priority`)."""
 
     batch_size: int | None = None
     conf: float = 0.3
@@ -129,6 +132,7 @@ class StreamOptions:
     readers: int | None = None
     queue_batches: int = 1
     model_seconds: float = 3.0
+    reader_nice: int = INPUT_NICE
 
 
 def default_readers() -> int:
@@ -499,7 +503,8 @@ class StreamRun:
         # and the runtime's threads for the same cores; one thread per call, restored after.
         cv2_threads = cv2.getNumThreads()
         cv2.setNumThreads(1)
-        pool = ThreadPoolExecutor(self.readers, thread_name_prefix="accelcore-read")
+        pool = ThreadPoolExecutor(self.readers, thread_name_prefix="accelcore-read",
+                                  initializer=lower_priority, initargs=(self.options.reader_nice,))
         writes: collections.deque[Future] = collections.deque()
 
         def stage(fn: Callable[..., None], *args: Any, out_q: queue.Queue) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..loss import yolox_loss
-from ..postprocess import decode_outputs, postprocess
+from ..postprocess import decode_outputs, postprocess, postprocess_raw
 from .head import YOLOXHead
 from .pafpn import YOLOPAFPN
 
@@ -103,6 +103,27 @@ class YOLOX(nn.Module):
         """Score filter + NMS -> per image (K, 6) float32 [x1, y1, x2, y2, score, class]."""
         return postprocess(
             decoded,
+            conf_thre=conf_thre,
+            nms_thre=nms_thre,
+            class_agnostic=class_agnostic,
+            max_det=max_det,
+        )
+
+    def postprocess_raw(
+        self,
+        raw: torch.Tensor,
+        input_hw: tuple[int, int] | torch.Size,
+        conf_thre: float = 0.001,
+        nms_thre: float = 0.65,
+        class_agnostic: bool = False,
+        max_det: int = 300,
+    ) -> list[np.ndarray]:
+        """``postprocess(decode(raw, input_hw), …)``, decoding only the anchors that can pass
+        ``conf_thre``."""
+        return postprocess_raw(
+            raw,
+            input_hw,
+            self.head.strides,
             conf_thre=conf_thre,
             nms_thre=nms_thre,
             class_agnostic=class_agnostic,
