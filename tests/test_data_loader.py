@@ -184,3 +184,26 @@ def test_loader_workers_yield_the_cores_to_the_step() -> None:
         # The stamped pixel went through letterbox (top-left stays put) and HWC -> CHW.
         assert set(images[:, 0, 0, 0].round().int().tolist()) == {expected}, workers
     assert os.getpriority(os.PRIO_PROCESS, 0) == main_nice
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is the Linux default")
+def test_loader_workers_fork_even_in_a_spawned_process() -> None:
+    """A spawned process (bench configuration, spawn-strategy rank) defaults to "spawn"; the
+    loader still forks its workers, which leave with os._exit instead of finalising the
+    interpreter under a half-pickled batch (SIGABRT at shutdown)."""
+    import multiprocessing
+
+    wrap = MosaicDetection(IndexDataset(8), (64, 64), mosaic=False, enable_mixup=False,
+                           max_labels=10, flip_prob=0.0, hsv_prob=0.0)
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)  # what a spawned process inherits
+    try:
+        loader = build_train_loader(wrap, batch_size=4, num_workers=1, seed=1)
+        assert loader.loader.multiprocessing_context.get_start_method() == "fork"
+        assert len(collect(loader, 0)) == 2
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+    spawn = multiprocessing.get_context("spawn")
+    explicit = build_train_loader(wrap, batch_size=4, num_workers=1, seed=1,
+                                  multiprocessing_context=spawn)
+    assert explicit.loader.multiprocessing_context is spawn
