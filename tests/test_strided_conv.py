@@ -111,3 +111,16 @@ def test_yolox_trains_its_strided_depthwise_convs_through_it(monkeypatch):
     with torch.no_grad():
         model.eval()(images)
     assert not seen  # eval: the plain conv path
+
+
+def test_subsampling_hands_the_convolution_a_channels_last_gradient():
+    # A NCHW gradient here made the convolution's backward transpose it: the slowest copy of
+    # the whole step.
+    full = torch.randn(2, 6, 9, 8).contiguous(memory_format=CL).requires_grad_()
+    out = strided_conv._Subsample.apply(full, 2, 3)
+    torch.testing.assert_close(out, full[:, :, ::2, ::3])
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, full, grad)
+    (want,) = torch.autograd.grad(full[:, :, ::2, ::3], full, grad)
+    assert got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, want)
