@@ -182,6 +182,25 @@ def test_decode_threads_yield_to_the_runtime(tmp_path, monkeypatch):
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
 
 
+def test_boxes_are_decoded_on_the_inference_thread(tmp_path, monkeypatch):
+    """Decoding and NMS (torch ops) run where the forward runs: from any other thread they
+    would start a second OpenMP team competing with the runtime's for the same cores."""
+    write_indexed(tmp_path / "src", 6)
+    model = echo_model(batch_size=2)
+    seen: list[str] = []
+    plain = model.decoder.postprocess
+
+    def reporting(decoded, conf, nms):
+        seen.append(threading.current_thread().name)
+        return plain(decoded, conf, nms)
+
+    monkeypatch.setattr(model.decoder, "postprocess", reporting)
+    summary = stream_predict(model, resolve_source(str(tmp_path / "src")), None,
+                             StreamOptions(save=False, readers=2, model_seconds=0.0))
+    assert summary["images"] == 6
+    assert seen == ["accelcore-infer"] * 3
+
+
 def test_summary_fields_and_no_save(tmp_path):
     write_indexed(tmp_path / "src", 10)
     out = tmp_path / "out"

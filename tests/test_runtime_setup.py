@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,30 @@ def test_strategy_workers_start_under_the_recipe_setup(strategy, fresh_plugins):
                                           "batch_size": 2, "malloc_tuning": False}})
     assert launch(get_plugin_manager(), untuned, _worker_runtime, 2)["allocator"] == \
         "glibc (stock)"
+
+
+_ARENAS_AFTER_A_THREAD = """
+import ctypes, sys, threading
+from accelcore import runtime
+if sys.argv[1] == "tuned":
+    assert runtime.tune_allocator()
+def work():
+    block = bytearray(80 << 20)  # a batch-sized buffer, allocated and freed off the main thread
+    del block
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+@pytest.mark.parametrize("mode, arenas", [("tuned", 1), ("stock", 2)])
+def test_tuned_allocator_keeps_every_thread_in_the_one_tuned_arena(mode, arenas):
+    """A thread of its own arena paid page faults on every batch (torch eager at half speed
+    in the predict stream's inference thread); tuned, every thread shares the main arena."""
+    env = {k: v for k, v in os.environ.items() if k not in runtime.GLIBC_TUNING_ENV}
+    done = subprocess.run([sys.executable, "-c", _ARENAS_AFTER_A_THREAD, mode], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Arena ") == arenas, done.stderr
