@@ -81,6 +81,11 @@ def test_not_applied_where_it_does_not_fit(monkeypatch):
     assert not strided_conv.applies(dense, x)  # not depthwise
     assert not strided_conv.applies(_pair(4, 1)[0], x)  # stride 1
     assert not strided_conv.applies(conv, x.contiguous())  # NCHW
+    class OwnForward(nn.Conv2d):  # e.g. IPEX's prepacked conv: other weight layout
+        pass
+
+    own = OwnForward(4, 4, 3, 2, 1, groups=4).to(memory_format=CL)
+    assert not strided_conv.applies(own, x)
     with torch.no_grad():
         assert not strided_conv.applies(conv, x)  # no backward to speed up
     assert not strided_conv.applies(conv.eval(), x)

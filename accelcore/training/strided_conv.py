@@ -43,7 +43,10 @@ def enabled() -> bool:
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether :func:`conv2d` may choose the subsampled form for this module and input."""
     stride = tuple(conv.stride)
-    return (conv.training and torch.is_grad_enabled() and x.device.type == "cpu"
+    # Only torch's own module: subclasses (IPEX's prepacked convs, quantised ones) keep their
+    # weights in other layouts and compute through their own forward.
+    return (type(conv) is nn.Conv2d and conv.weight.dim() == 4 and conv.weight.shape[1] == 1
+            and conv.training and torch.is_grad_enabled() and x.device.type == "cpu"
             and x.dim() == 4 and conv.groups == conv.in_channels == conv.out_channels
             and conv.groups > 1 and max(stride) > 1 and tuple(conv.dilation) == (1, 1)
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
