@@ -408,9 +408,8 @@ class StreamRun:
                 raw = self.forward(item.images)
                 t1 = time.perf_counter()
                 # Box decoding and NMS are torch ops: on this thread they share the runtime's
-                # OpenMP team; on another they start a second team of spinning threads that
-                # competes with the model for the same cores (torch eager streamed at 0.69x a
-                # sequential loop on a 2-core Zen 4 that way).
+                # OpenMP team instead of starting a second team on another thread that would
+                # compete with the model for the same cores.
                 found = self.predictor.detections(raw[:len(item.items)], self.input_size)
             self.busy["infer"] += t1 - t0
             self._add_post(time.perf_counter() - t1)
