@@ -37,25 +37,34 @@ def test_short_run_loss_falls_and_ap_rises(tmp_path: Path):
 @pytest.mark.slow
 def test_bf16_converges_like_fp32(tmp_path: Path):
     """bf16 autocast + channels_last (what `train.precision: auto` picks on bf16 hardware)
-    learns like fp32 from the same seed. Tolerance: 0.10 AP50 (COCOeval 0-1 scale) — 16
-    validation images and 96 steps make a few hundredths run-to-run noise even in fp32."""
+    learns like fp32. 96 steps on 64 images are chaotic: one seed's last loss moved by 25%
+    between two correct bf16 kernels, and fp32's own by as much across seeds — so each
+    precision is judged by the mean over two seeds of its last three epochs' loss.
+    Tolerances: loss within 15% of fp32's; AP50 within 0.10 (COCOeval 0-1 scale; 16 validation
+    images make a few hundredths run-to-run noise even in fp32)."""
     results = {}
     for precision in ("32", "bf16"):
-        data = {
-            "model": {"name": "yolox_nano", "num_classes": 3, "input_size": [160, 160]},
-            "data": {"num_workers": 0, "augment": {"multiscale_range": 1},
-                     "synthetic": {"images": 64, "val_images": 16, "size": 160,
-                                   "num_classes": 3, "cache_dir": str(tmp_path / "syn")}},
-            "validate": {"batch_size": 16},
-            "train": {"batch_size": 8, "epochs": 12, "warmup_epochs": 1, "no_aug_epochs": 2,
-                      "eval_interval": 3, "basic_lr_per_img": 0.0008, "quiet": True, "seed": 0,
-                      "precision": precision, "channels_last": True},
-        }
-        run = tmp_path / f"run{precision}"
-        summary = fit(TrainJob(load_recipe(data=data), run))
-        rows = list(csv.DictReader((run / "epochs.csv").open()))
-        results[precision] = (float(rows[0]["total_loss"]), float(rows[-1]["total_loss"]),
-                              summary["final_ap50"])
+        first, last, ap = [], [], []
+        for seed in (0, 1):
+            data = {
+                "model": {"name": "yolox_nano", "num_classes": 3, "input_size": [160, 160]},
+                "data": {"num_workers": 0, "augment": {"multiscale_range": 1},
+                         "synthetic": {"images": 64, "val_images": 16, "size": 160,
+                                       "num_classes": 3, "cache_dir": str(tmp_path / "syn")}},
+                "validate": {"batch_size": 16},
+                "train": {"batch_size": 8, "epochs": 12, "warmup_epochs": 1,
+                          "no_aug_epochs": 2, "eval_interval": 3, "basic_lr_per_img": 0.0008,
+                          "quiet": True, "seed": seed, "precision": precision,
+                          "channels_last": True},
+            }
+            run = tmp_path / f"run{precision}_{seed}"
+            summary = fit(TrainJob(load_recipe(data=data), run))
+            rows = csv.DictReader((run / "epochs.csv").open())
+            losses = [float(row["total_loss"]) for row in rows]
+            first.append(losses[0])
+            last.append(sum(losses[-3:]) / 3)
+            ap.append(summary["final_ap50"])
+        results[precision] = tuple(sum(v) / len(v) for v in (first, last, ap))
     (_, fp32_last, fp32_ap), (bf16_first, bf16_last, bf16_ap) = \
         results["32"], results["bf16"]
     assert bf16_last < 0.9 * bf16_first, results

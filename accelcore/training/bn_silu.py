@@ -7,54 +7,31 @@ kernels for them were slower than eager. The fused kernel reads and writes each 
 fewer times (2 passes forward, 2 backward, no saved pre-activation) and computes in float32
 whatever the storage type.
 
-The kernel is compiled for this CPU on first use (``torch.utils.cpp_extension``, cached under
-``TORCH_EXTENSIONS_DIR``, ~1 min once) and keyed by the CPU's flags, so a machine with another
-ISA builds its own. Where it cannot be built or does not apply (eval mode, NCHW, float64, under
-``torch.compile``, ``ACCELCORE_FUSED_BN_SILU=0``) :func:`bn_silu` is exactly ``silu(bn(x))``.
+The kernel is compiled for this CPU on first use (:mod:`accelcore.training.native`). Where it
+cannot be built or does not apply (eval mode, NCHW, float64, under ``torch.compile``,
+``ACCELCORE_FUSED_BN_SILU=0``) :func:`bn_silu` is exactly ``silu(bn(x))``.
 Semantics match ``nn.BatchNorm2d`` in training: batch statistics (biased variance) normalise,
 the running statistics get the unbiased variance with the module's momentum.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accelcore.errors import one_line
-from accelcore.machine import real_cpu_flags
-
-log = logging.getLogger(__name__)
+from accelcore.training import native
 
 SWITCH_ENV = "ACCELCORE_FUSED_BN_SILU"
-_SOURCE = Path(__file__).with_name("bn_silu.cpp")
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=1)
 def extension() -> Any | None:
     """The compiled kernel module, built on first call (None if it cannot be built here)."""
-    from torch.utils import cpp_extension
-
-    # -march=native code for this CPU, against this torch's headers: both name the build.
-    build = f"{torch.__version__} {' '.join(sorted(real_cpu_flags()))}"
-    machine = hashlib.sha1(build.encode()).hexdigest()[:10]
-    try:
-        return cpp_extension.load(
-            name=f"accelcore_bn_silu_{machine}", sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as exc:  # no compiler, no headers: the eager ops still train correctly
-        log.warning("fused BatchNorm+SiLU kernel unavailable (%s); using eager ops",
-                    one_line(exc))
-        return None
+    return native.build("bn_silu")
 
 
 def enabled() -> bool:

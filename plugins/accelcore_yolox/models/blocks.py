@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from accelcore.training import strided_conv
+from accelcore.training import depthwise_conv
 from accelcore.training.bn_silu import bn_silu
 
 # Official YOLOX overrides BatchNorm defaults for every model size (``init_yolo`` in its Exp).
@@ -62,8 +62,8 @@ class BaseConv(nn.Module):
         if self.training and isinstance(self.act, nn.SiLU):
             # Training on CPU channels_last: one fused BN + SiLU kernel (exactly silu(bn(.))
             # elsewhere); BN + SiLU were as slow as all convolutions together in eager. A
-            # strided depthwise conv takes its faster exact form on this CPU (strided_conv).
-            return bn_silu(strided_conv.conv2d(self.conv, x), self.bn)
+            # depthwise conv takes its fastest exact form on this CPU (depthwise_conv).
+            return bn_silu(depthwise_conv.conv2d(self.conv, x), self.bn)
         return self.act(self.bn(self.conv(x)))
 
 

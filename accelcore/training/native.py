@@ -1,0 +1,40 @@
+"""The project's C++ training kernels, compiled for the CPU they run on.
+
+A kernel ``<name>.cpp`` next to this module is built on first use with
+``torch.utils.cpp_extension`` (cached under ``TORCH_EXTENSIONS_DIR``, about a minute once) with
+``-march=native``, and the build is keyed by this torch and the CPU's flags, so a machine with
+another instruction set builds its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accelcore.errors import one_line
+from accelcore.machine import real_cpu_flags
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def build(name: str) -> Any | None:
+    """The compiled module of ``<name>.cpp`` (None, with one warning, if it cannot be built)."""
+    from torch.utils import cpp_extension
+
+    source = Path(__file__).with_name(f"{name}.cpp")
+    machine = f"{torch.__version__} {' '.join(sorted(real_cpu_flags()))}"
+    key = hashlib.sha1(machine.encode()).hexdigest()[:10]
+    try:
+        return cpp_extension.load(
+            name=f"accelcore_{name}_{key}", sources=[str(source)],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler, no headers: the eager ops still train correctly
+        log.warning("C++ kernel %s unavailable (%s); using the eager ops", name, one_line(exc))
+        return None
