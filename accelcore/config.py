@@ -74,7 +74,9 @@ class DataConfig:
     val: str = "val2017"
     train_json: str = "instances_train2017.json"
     val_json: str = "instances_val2017.json"
-    cache: bool = False
+    # Decoded images kept in RAM: "auto" when they take at most a fifth of the available memory
+    # (each training process holds its own copy; forked loader workers share it).
+    cache: bool | Literal["auto"] = "auto"
     num_workers: int = 2
     # A training image that cannot be read: "fail" stops with its name; "skip" logs it once and
     # uses the next readable image in its place (accelcore.data.mosaic.MosaicDetection).

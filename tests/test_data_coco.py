@@ -97,6 +97,34 @@ def test_cache_returns_same_items_and_protects_cache(small: Path) -> None:
     assert int(cached[0][0][0, 0, 0]) == 1
 
 
+def test_auto_cache_decides_by_the_memory_available(small: Path, monkeypatch) -> None:
+    import accelcore.data.coco as coco
+
+    need = 3 * (40 * 60 + 100 * 30 + 20 * 20)
+    monkeypatch.setattr(coco, "_available_memory", lambda: int(need / coco.AUTO_CACHE_FRACTION))
+    fits = COCODataset(small, cache="auto")
+    assert fits.decoded_bytes() == need and fits._cache is not None
+    monkeypatch.setattr(coco, "_available_memory", lambda: int(need / coco.AUTO_CACHE_FRACTION) - 1)
+    assert COCODataset(small, cache="auto")._cache is None
+    plain = COCODataset(small, cache=False)
+    for i in range(len(plain)):
+        np.testing.assert_array_equal(fits[i][0], plain[i][0])
+    with pytest.raises(DataError, match="data.cache"):
+        COCODataset(small, cache="sometimes")
+
+
+def test_auto_cache_leaves_a_bad_image_to_its_reader(small: Path) -> None:
+    """cache: auto must not turn data.on_bad_image: skip into a failure at start-up."""
+    (small / "train2017" / "0003.png").write_bytes(b"not a png at all")
+    ds = COCODataset(small, cache="auto")
+    assert ds._cache is not None and ds._cache[2] is None
+    ds[0]
+    with pytest.raises(DataError, match=r"cannot decode image .*0003\.png \(image id 3\)"):
+        ds[2]
+    with pytest.raises(DataError, match=r"0003\.png"):
+        COCODataset(small, cache=True)  # asked for explicitly: every image up front
+
+
 def test_missing_root_folder_and_json(tmp_path: Path, small: Path) -> None:
     with pytest.raises(DataError, match="dataset root not found"):
         COCODataset(tmp_path / "nope")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,18 @@ from pycocotools.coco import COCO
 
 from accelcore.data.preprocess import read_image
 from accelcore.errors import DataError, ImageReadError
+
+log = logging.getLogger(__name__)
+
+#: ``cache: auto`` keeps decoded images in RAM when they take at most this share of the memory
+#: available: decoding was ~30% of the loader's time for 416 px training (2-core Zen 4).
+AUTO_CACHE_FRACTION = 0.2
+
+
+def _available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 # A box sticking out of its image by less than this (pixels) is clipped silently: COCO's own
 # annotations routinely overshoot by a fraction of a pixel.
@@ -116,7 +129,7 @@ class COCODataset:
         root: str | Path,
         image_dir: str = "train2017",
         json_file: str = "instances_train2017.json",
-        cache: bool = False,
+        cache: bool | str = False,
         cache_threads: int = 2,
     ) -> None:
         self.root = Path(root).expanduser()
@@ -147,8 +160,17 @@ class COCODataset:
         self._check_files(data)
         self.annotations: list[np.ndarray] = self._load_annotations()
 
-        self._cache: list[np.ndarray] | None = None
-        if cache:
+        self._cache: list[np.ndarray | None] | None = None
+        if cache not in (True, False, "auto"):
+            raise DataError(f"data.cache: expected true, false or auto, got {cache!r}")
+        if cache == "auto":
+            need = self.decoded_bytes()
+            if need is not None and need <= AUTO_CACHE_FRACTION * _available_memory():
+                log.info("caching %d decoded images of %s in RAM (%.0f MB; data.cache: auto)",
+                         len(self.ids), self.image_dir, need / 1e6)
+                # A bad file is left for its reader to report (data.on_bad_image decides).
+                self._cache = self._decode_all(cache_threads, keep_going=True)
+        elif cache:
             self._cache = self._decode_all(cache_threads)
 
     # ------------------------------------------------------------------ construction helpers
@@ -234,10 +256,24 @@ class COCODataset:
             )
         return out
 
-    def _decode_all(self, threads: int) -> list[np.ndarray]:
+    def decoded_bytes(self) -> int | None:
+        """RAM the decoded images take (from the json's sizes; None if a size is missing)."""
+        if any(size is None for size in self._sizes):
+            return None
+        return sum(3 * h * w for h, w in self._sizes)
+
+    def _decode_all(self, threads: int, keep_going: bool = False) -> list[np.ndarray | None]:
+        def read(index: int) -> np.ndarray | None:
+            try:
+                return self._read(index)
+            except ImageReadError:
+                if keep_going:
+                    return None
+                raise
+
         # File reads and OpenCV decodes release the GIL: a small thread pool overlaps them.
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            return list(pool.map(self._read, range(len(self.ids))))
+            return list(pool.map(read, range(len(self.ids))))
 
     def _read(self, index: int) -> np.ndarray:
         path = self._files[index]
@@ -253,8 +289,9 @@ class COCODataset:
 
     def load_image(self, index: int) -> np.ndarray:
         """The BGR uint8 image; a private copy, so in-place augmentation never alters the cache."""
-        if self._cache is not None:
-            return self._cache[index].copy()
+        cached = None if self._cache is None else self._cache[index]
+        if cached is not None:
+            return cached.copy()
         return self._read(index)
 
     def load_anno(self, index: int) -> np.ndarray:

@@ -74,7 +74,7 @@ def accelcore_build_data(config: Any, split: str, run_dir: Path) -> Any:
         default_dir = "train2017" if split == "train" else "val2017"
         image_dir = str(_opt(config, split, default_dir))
         json_file = str(_opt(config, f"{split}_json", f"instances_{default_dir}.json"))
-    return COCODataset(root, image_dir, json_file, cache=bool(_opt(config, "cache", False)))
+    return COCODataset(root, image_dir, json_file, cache=_opt(config, "cache", "auto"))
 
 
 @hookimpl
