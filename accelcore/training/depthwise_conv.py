@@ -47,8 +47,8 @@ TRIALS = 3
 
 Form = Callable[[nn.Conv2d, torch.Tensor], torch.Tensor]
 
-#: shape key -> name of the fastest form
-_CHOICES: dict[tuple, str] = {}
+#: (shape key, names of the forms that applied) -> name of the fastest form
+_CHOICES: dict[tuple[tuple, tuple[str, ...]], str] = {}
 
 
 def _on(env: str) -> bool:
@@ -91,7 +91,7 @@ def _kernel_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 def forms(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, Form]:
     """The exact forms of ``conv(x)`` to choose from; just ``{"onednn": ...}`` where nothing
     else applies."""
-    found: dict[str, Form] = {"onednn": lambda m, t: m(t)}
+    found: dict[str, Form] = {"onednn": _module_form}
     if not _depthwise_training(conv, x):
         return found
     strided = max(conv.stride) > 1
@@ -100,6 +100,10 @@ def forms(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, Form]:
     if _kernel_fits(conv, x):
         found["kernel"] = with_weight_grad_kernel
     return found
+
+
+def _module_form(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return conv(x)
 
 
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -182,7 +186,7 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     candidates = forms(conv, x)
     if len(candidates) == 1:
         return conv(x)
-    key = (*_key(conv, x), *candidates)  # switches flipped mid-process: measured anew
+    key = (_key(conv, x), tuple(candidates))  # a switch flipped mid-process: measured anew
     name = _CHOICES.get(key)
     if name is None:
         name = _CHOICES[key] = _measure(conv, x, candidates)
@@ -191,15 +195,11 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def choices() -> dict[str, str]:
     """What was chosen so far, for logs and reports: shape -> form name."""
-    return {" ".join(str(v) for v in key[:_KEY_FIELDS]): name for key, name in _CHOICES.items()}
-
-
-_KEY_FIELDS = 8  # fields of _key; the candidates' names follow them in _CHOICES
+    return {" ".join(str(v) for v in shape): name for (shape, _), name in _CHOICES.items()}
 
 
 def _key(conv: nn.Conv2d, x: torch.Tensor) -> tuple:
-    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    return (tuple(x.shape), str(x.dtype), str(autocast), tuple(conv.kernel_size),
+    return (tuple(x.shape), str(x.dtype), str(_compute_dtype(x)), tuple(conv.kernel_size),
             tuple(conv.stride), tuple(conv.padding), conv.bias is not None,
             torch.get_num_threads())
 

@@ -8,8 +8,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include <immintrin.h>
@@ -74,8 +74,8 @@ at::Tensor weight_grad_impl(const at::Tensor& grad_y, const at::Tensor& x) {
           const T* x_rows[3];
           for (int i = 0; i < 3; ++i) {
             const int64_t hi = h + i - 1;
-            x_rows[i] = (hi < 0 || hi >= height) ? nullptr
-                                                 : xp + ((n * height + hi) * width) * channels + b * 16;
+            const bool inside = hi >= 0 && hi < height;
+            x_rows[i] = inside ? xp + ((n * height + hi) * width) * channels + b * 16 : nullptr;
           }
           row_block(gp + r * width * channels + b * 16, x_rows, width, channels, acc);
         }
@@ -95,7 +95,8 @@ at::Tensor weight_grad_impl(const at::Tensor& grad_y, const at::Tensor& x) {
     for (int k = 0; k < 9; ++k)
       for (int l = 0; l < 16; ++l) {
         double s = 0.0;
-        for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * sums + (b * 9 + k) * 16 + l];
+        for (int t = 0; t < threads; ++t)
+          s += partial[static_cast<size_t>(t) * sums + (b * 9 + k) * 16 + l];
         o[(b * 16 + l) * 9 + k] = static_cast<float>(s);
       }
   return out;
