@@ -37,11 +37,12 @@ def test_short_run_loss_falls_and_ap_rises(tmp_path: Path):
 @pytest.mark.slow
 def test_bf16_converges_like_fp32(tmp_path: Path):
     """bf16 autocast + channels_last (what `train.precision: auto` picks on bf16 hardware)
-    learns like fp32. 96 steps on 64 images are chaotic: one seed's last loss moved by 25%
-    between two correct bf16 kernels, and fp32's own by as much across seeds — so each
-    precision is judged by the mean over two seeds of its last three epochs' loss.
-    Tolerances: loss within 15% of fp32's; AP50 within 0.10 (COCOeval 0-1 scale; 16 validation
-    images make a few hundredths run-to-run noise even in fp32)."""
+    learns at least as well as fp32. 96 steps on 64 images are chaotic: over 8 seeds on one
+    machine fp32's last loss ranged 7.8-9.3 and bf16's 7.4-10.4, and which seeds land where
+    differs between CPUs. So each precision is judged by the mean over two seeds of its last
+    three epochs' loss, and the check is one-sided — bf16 must not learn worse (CI once saw bf16
+    7.7 against fp32 9.2): loss at most 15% above fp32's, AP50 at most 0.10 below (COCOeval 0-1
+    scale; 16 validation images make a few hundredths run-to-run noise even in fp32)."""
     results = {}
     for precision in ("32", "bf16"):
         first, last, ap = [], [], []
@@ -68,5 +69,5 @@ def test_bf16_converges_like_fp32(tmp_path: Path):
     (_, fp32_last, fp32_ap), (bf16_first, bf16_last, bf16_ap) = \
         results["32"], results["bf16"]
     assert bf16_last < 0.9 * bf16_first, results
-    assert abs(bf16_last - fp32_last) < 0.15 * fp32_last, results
-    assert bf16_ap > 0 and abs(bf16_ap - fp32_ap) <= 0.10, results
+    assert bf16_last < 1.15 * fp32_last, results
+    assert bf16_ap > 0 and bf16_ap >= fp32_ap - 0.10, results

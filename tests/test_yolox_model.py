@@ -263,6 +263,26 @@ def test_decoded_equals_decode_of_raw(nano3):
         nano3.decode(raw, (64, 64))
 
 
+def test_prediction_convs_run_in_fp32_when_training_under_autocast():
+    torch.manual_seed(0)
+    head = create("yolox_nano", num_classes=3).head  # its own: training moves BN statistics
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    handles = [conv.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+               for conv in (*head.reg_preds, *head.obj_preds, *head.cls_preds)]
+    head_input = [torch.rand(1, 64 * 2**k, 8 // 2**k, 12 // 2**k) for k in range(3)]
+    try:
+        for training, expected in ((True, torch.float32), (False, torch.bfloat16)):
+            head.train(training)
+            seen.clear()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                raw = head(head_input)
+            assert len(seen) == 9 and set(seen) == {(expected, expected)}, (training, seen)
+            assert raw.dtype == expected
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_raw_mode_has_no_data_dependent_control_flow(nano3):
     # torch.fx symbolic tracing fails on any branch that depends on tensor values, so it is a
     # cheap proxy for jit.trace / torch.export / ONNX (exercised in the slow test below).
