@@ -164,11 +164,10 @@ def test_train_transform_letterbox_and_targets() -> None:
     tt = TrainTransform(max_labels=7, flip_prob=0.5, hsv_prob=0.0)
     flipped_seen = set()
     for seed in range(6):
-        chw, targets = tt(img.copy(), boxes, (128, 160), np.random.default_rng(seed))
-        assert chw.shape == (3, 128, 160) and chw.dtype == np.float32
+        hwc, targets = tt(img.copy(), boxes, (128, 160), np.random.default_rng(seed))
+        assert hwc.shape == (128, 160, 3) and hwc.dtype == np.uint8
         assert targets.shape == (7, 5) and targets.dtype == np.float32
         assert np.all(targets[len(boxes) :] == 0)
-        hwc = chw.transpose(1, 2, 0).astype(np.uint8)
         assert np.all(hwc[81:, :] == 114)  # 150*(160/300)=80 rows of image, then padding
         check_boxes_follow_pixels(hwc, targets_to_xyxy(targets), min_side=6, min_iou=0.75)
         unflipped_cx = (boxes[0, 0] + boxes[0, 2]) / 2 * 160 / 300
@@ -179,8 +178,8 @@ def test_train_transform_letterbox_and_targets() -> None:
 def test_train_transform_empty_and_tiny() -> None:
     tt = TrainTransform(max_labels=5, flip_prob=0.5, hsv_prob=1.0)
     img = np.full((50, 60, 3), 30, np.uint8)
-    chw, targets = tt(img, np.zeros((0, 5), np.float32), (64, 64))
-    assert chw.shape == (3, 64, 64) and not targets.any()
+    hwc, targets = tt(img, np.zeros((0, 5), np.float32), (64, 64))
+    assert hwc.shape == (64, 64, 3) and not targets.any()
     # Only a sub-pixel box after resize: falls back to the unaugmented image with its boxes.
     big = np.zeros((1000, 1000, 3), np.uint8)
     tiny = np.array([[10, 10, 11, 11, 2]], np.float32)
@@ -195,15 +194,14 @@ def test_mosaic_detection_pipeline_geometry(seed: int) -> None:
         ds, (160, 192), mosaic_prob=1.0, hsv_prob=0.0, flip_prob=0.5, degrees=10,
         translate=0.1, mosaic_scale=(0.5, 1.5), shear=2.0, enable_mixup=False, max_labels=40,
     )
-    chw, targets, size, img_id = wrap[(seed % 6, 1000 + seed)]
-    assert chw.shape == (3, 160, 192) and targets.shape == (40, 5) and size == (160, 192)
+    hwc, targets, size, img_id = wrap[(seed % 6, 1000 + seed)]
+    assert hwc.shape == (160, 192, 3) and targets.shape == (40, 5) and size == (160, 192)
     assert img_id == 100 + seed % 6
-    hwc = chw.transpose(1, 2, 0).astype(np.uint8)
     boxes = targets_to_xyxy(targets)
     check_boxes_follow_pixels(hwc, boxes, min_iou=0.7, min_coverage=0.85)
     # Same seed -> same sample; the training loader relies on it.
-    chw2, targets2, _, _ = wrap[(seed % 6, 1000 + seed)]
-    np.testing.assert_array_equal(chw, chw2)
+    hwc2, targets2, _, _ = wrap[(seed % 6, 1000 + seed)]
+    np.testing.assert_array_equal(hwc, hwc2)
     np.testing.assert_array_equal(targets, targets2)
 
 
@@ -214,14 +212,14 @@ def test_close_mosaic_and_key_flag() -> None:
     plain = TrainTransform(wrap.preproc.max_labels, flip_prob=0.0, hsv_prob=0.0)
     expected, exp_t = plain(*ds.pull_item(1)[:2], (128, 128))
     # mosaic flag False in the key (what the loader sends after close_mosaic)
-    chw, t, _, _ = wrap[(1, 7, False)]
-    np.testing.assert_array_equal(chw, expected)
+    image, t, _, _ = wrap[(1, 7, False)]
+    np.testing.assert_array_equal(image, expected)
     np.testing.assert_array_equal(t, exp_t)
-    chw_m, _, _, _ = wrap[(1, 7, True)]
-    assert not np.array_equal(chw_m, expected)
+    mosaic, _, _, _ = wrap[(1, 7, True)]
+    assert not np.array_equal(mosaic, expected)
     wrap.close_mosaic()
-    chw, _, _, _ = wrap[(1, 7, True)]
-    np.testing.assert_array_equal(chw, expected)
+    image, _, _, _ = wrap[(1, 7, True)]
+    np.testing.assert_array_equal(image, expected)
     assert wrap.num_classes == 3 and wrap.class_names == ["b", "g", "r"]
 
 
@@ -263,11 +261,11 @@ def test_mixup_pasted_boxes_follow_pixels() -> None:
 def test_mosaic_with_mixup_runs_and_tolerates_background_only() -> None:
     wrap = MosaicDetection(TinyDataset(4, seed=1), (96, 96), mosaic_prob=1.0, mixup_prob=1.0,
                            enable_mixup=True, mixup_scale=(0.5, 1.5))
-    chw, targets, _, _ = wrap[(0, 3)]
-    assert chw.shape == (3, 96, 96) and (targets[:, 3] > 0).any()
+    hwc, targets, _, _ = wrap[(0, 3)]
+    assert hwc.shape == (96, 96, 3) and (targets[:, 3] > 0).any()
     empty = MosaicDetection(TinyDataset(3, empty=True), (64, 64), enable_mixup=True)
-    chw, targets, _, _ = empty[(0, 5)]  # must not loop forever looking for labels
-    assert chw.shape == (3, 64, 64) and not targets.any()
+    hwc, targets, _, _ = empty[(0, 5)]  # must not loop forever looking for labels
+    assert hwc.shape == (64, 64, 3) and not targets.any()
 
 
 def test_hsv_changes_colour_not_geometry() -> None:

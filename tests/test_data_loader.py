@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from accelcore.data.loader import EpochBatchSampler, build_eval_loader, build_train_loader
+from accelcore.data.loader import (
+    EpochBatchSampler,
+    build_eval_loader,
+    build_train_loader,
+    collate_train,
+    network_input,
+)
 from accelcore.data.mosaic import MosaicDetection
 from accelcore.errors import DataError
 
@@ -94,7 +100,7 @@ def test_train_loader_shapes_and_worker_independence() -> None:
         a0, b0 = collect(single, 0), collect(multi, 0)
         a1, b1 = collect(single, 1), collect(multi, 1)  # persistent workers, second epoch
         for (ia, ta), (ib, tb) in zip(a0 + a1, b0 + b1, strict=True):
-            assert ia.shape == (4, 3, 64, 64) and ia.dtype == torch.float32
+            assert ia.shape == (4, 64, 64, 3) and ia.dtype == torch.uint8
             assert ta.shape == (4, 10, 5) and ta.dtype == torch.float32
             # Augmentation is a function of (seed, epoch, rank, position), not of the workers.
             assert torch.equal(ia, ib) and torch.equal(ta, tb)
@@ -129,7 +135,7 @@ def test_ranks_get_disjoint_data() -> None:
         loader = build_train_loader(wrap, 4, num_workers=0, seed=5, rank=rank, world_size=2)
         loader.set_epoch(0)
         for images, _ in loader:
-            values += [int(v) for v in images[:, 0, 40, 5]]  # pixel value = image index
+            values += [int(v) for v in images[:, 40, 5, 0]]  # pixel value = image index
     assert sorted(values) == list(range(16))
 
 
@@ -141,6 +147,37 @@ def test_collate_rejects_variable_shapes() -> None:
     loader = build_train_loader(Raw(8), 4, num_workers=0)
     with pytest.raises(DataError, match="fixed shapes"):
         next(iter(loader))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_uint8_batch_becomes_the_float_network_input(channels_last: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 24, 40, 3), dtype=torch.uint8, generator=g)
+    targets = np.zeros((10, 5), np.float32)
+    images, _ = collate_train([(pixels[0].numpy(), targets), (pixels[1].numpy(), targets)])
+    assert images.dtype == torch.uint8 and torch.equal(images, pixels)
+    x = network_input(images, channels_last)
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 24, 40)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert x.is_contiguous(memory_format=fmt)
+    # BGR channel order and every value kept: the CHW float YOLOX trains on.
+    for b in range(2):
+        expected = torch.from_numpy(pixels[b].numpy().transpose(2, 0, 1).astype(np.float32))
+        assert torch.equal(x[b], expected)
+
+
+def test_float_chw_items_still_collate_and_pass_through() -> None:
+    chw = np.random.default_rng(0).uniform(0, 255, (3, 16, 20)).astype(np.float32)
+    images, _ = collate_train([(chw, np.zeros((4, 5), np.float32))] * 2)
+    assert images.dtype == torch.float32 and images.shape == (2, 3, 16, 20)
+    x = network_input(images, channels_last=True)
+    assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, images)
+
+
+def test_collate_rejects_wrong_image_layout() -> None:
+    chw_bytes = np.zeros((3, 16, 16), np.uint8)  # 8-bit but channels first
+    with pytest.raises(DataError, match=r"uint8 HWC images with 3 channels.*got uint8 \(3, 16"):
+        collate_train([(chw_bytes, np.zeros((4, 5), np.float32))])
 
 
 def test_eval_loader_letterboxes_in_order() -> None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from accelcore.data.preprocess import PAD_VALUE, letterbox
+from accelcore.data.preprocess import PAD_VALUE, letterbox_hwc
 
 Range = float | Sequence[float]
 
@@ -229,7 +229,9 @@ def mixup(
 
 class TrainTransform:
     """Last training step: HSV jitter, flip, letterbox, boxes -> fixed ``[max_labels, 5]`` targets
-    ``(class, cx, cy, w, h)`` in input pixels, zero padded. Returns ``(chw_float32, targets)``.
+    ``(class, cx, cy, w, h)`` in input pixels, zero padded. Returns ``(hwc_uint8, targets)``:
+    the image stays 8-bit BGR until the training process makes it the network's float input
+    (:func:`accelcore.data.loader.network_input`), so loader workers move a quarter of the bytes.
     """
 
     def __init__(self, max_labels: int = 50, flip_prob: float = 0.5, hsv_prob: float = 1.0):
@@ -254,20 +256,20 @@ class TrainTransform:
         rng = _rng(rng)
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 5)
         if len(boxes) == 0:
-            chw, _ = letterbox(image, input_hw)
-            return chw, np.zeros((self.max_labels, 5), dtype=np.float32)
+            canvas, _ = letterbox_hwc(image, input_hw)
+            return canvas, np.zeros((self.max_labels, 5), dtype=np.float32)
 
         original = image.copy()
         image = np.ascontiguousarray(image)
         if rng.random() < self.hsv_prob:
             augment_hsv(image, rng=rng)
         image, flipped = random_flip(image, boxes, self.flip_prob, rng)
-        chw, ratio = letterbox(image, input_hw)
+        canvas, ratio = letterbox_hwc(image, input_hw)
         cxcywh = xyxy_to_cxcywh(flipped[:, :4]) * ratio
         keep = np.minimum(cxcywh[:, 2], cxcywh[:, 3]) > 1
         if not keep.any():
             # Every box became sub-pixel: fall back to the un-augmented image and all its boxes,
             # as YOLOX does, rather than train on a labelled image with no labels.
-            chw, ratio = letterbox(original, input_hw)
-            return chw, self._pack(boxes[:, 4], xyxy_to_cxcywh(boxes[:, :4]) * ratio)
-        return chw, self._pack(flipped[keep, 4], cxcywh[keep])
+            canvas, ratio = letterbox_hwc(original, input_hw)
+            return canvas, self._pack(boxes[:, 4], xyxy_to_cxcywh(boxes[:, :4]) * ratio)
+        return canvas, self._pack(flipped[keep, 4], cxcywh[keep])

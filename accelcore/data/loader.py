@@ -130,9 +130,17 @@ class _SeededItems(torch.utils.data.Dataset):
 
 
 def collate_train(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(chw_float32, targets [max_labels, 5], …)`` items into ``(images, targets)``."""
+    """Stack ``(image, targets [max_labels, 5], …)`` items into ``(images, targets)``.
+
+    8-bit HWC items (what ``MosaicDetection`` gives) stack to ``uint8 [B, H, W, 3]``: a worker
+    then hands the training process a quarter of the bytes of a float batch, and
+    :func:`network_input` makes the float input there in one pass. Items of any other dtype are
+    taken as CHW images and stack to ``float32 [B, 3, H, W]``.
+    """
+    pixels = np.asarray(batch[0][0]).dtype == np.uint8
     try:
-        images = np.stack([np.asarray(item[0], dtype=np.float32) for item in batch])
+        images = np.stack([np.asarray(item[0]) if pixels else
+                           np.asarray(item[0], dtype=np.float32) for item in batch])
         targets = np.stack([np.asarray(item[1], dtype=np.float32) for item in batch])
     except ValueError as e:
         shapes = sorted({(np.shape(item[0]), np.shape(item[1])) for item in batch})
@@ -140,12 +148,29 @@ def collate_train(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
             f"training items must have fixed shapes (wrap the dataset in MosaicDetection); got "
             f"image/target shapes {shapes}: {e}"
         ) from None
-    if images.ndim != 4 or targets.ndim != 3 or targets.shape[-1] != 5:
+    layout_ok = images.ndim == 4 and (images.shape[-1] == 3 if pixels else images.shape[1] == 3)
+    if not layout_ok or images.dtype not in (np.uint8, np.float32) or targets.ndim != 3 \
+            or targets.shape[-1] != 5:
+        expected = "uint8 HWC" if pixels else "CHW"
         raise DataError(
-            f"training items must be CHW images and [max_labels, 5] targets, got "
-            f"{images.shape[1:]} and {targets.shape[1:]}"
+            f"training items must be {expected} images with 3 channels and [max_labels, 5] "
+            f"targets, got {images.dtype} {images.shape[1:]} and {targets.shape[1:]}"
         )
     return torch.from_numpy(images), torch.from_numpy(targets)
+
+
+def network_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The ``float32 [B, 3, H, W]`` network input of a training batch, in the memory format asked.
+
+    A ``uint8 [B, H, W, 3]`` batch is converted and laid out by one copy (its HWC order already
+    is channels_last); a float ``[B, 3, H, W]`` batch is only laid out.
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if images.dtype != torch.uint8:
+        return images.contiguous(memory_format=fmt)
+    b, h, w, c = images.shape
+    out = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=fmt)
+    return out.copy_(images.permute(0, 3, 1, 2))
 
 
 def _worker_init(seed: int, rank: int, worker_id: int) -> None:
@@ -185,7 +210,8 @@ class _WorkerInit:
 
 
 class TrainLoader:
-    """Iterable of ``(images [B,3,H,W] float32, targets [B,max_labels,5] float32)`` batches."""
+    """Iterable of ``(images, targets [B, max_labels, 5] float32)`` batches; images are
+    ``uint8 [B, H, W, 3]`` (or ``float32 [B, 3, H, W]``, see :func:`collate_train`)."""
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """YOLOX ``MosaicDetection``: mosaic of 4 images + random affine + mixup, then ``TrainTransform``.
 
-Items are ``(image_chw_float32, targets [max_labels, 5], (H, W), image_id)`` with targets
+Items are ``(image_hwc_uint8, targets [max_labels, 5], (H, W), image_id)`` with targets
 ``(class, cx, cy, w, h)`` in input pixels — fixed shapes, ready for the training collate.
 
 An image file that cannot be read (:class:`~accelcore.errors.ImageReadError` from the wrapped
@@ -231,8 +231,8 @@ class MosaicDetection:
                 img, boxes = self._mixup(img, boxes, rng)
         else:
             img, boxes, _, img_id = self._pull(index)
-        chw, targets = self.preproc(img, boxes, self.input_size, rng)
-        return chw, targets, self.input_size, img_id
+        image, targets = self.preproc(img, boxes, self.input_size, rng)
+        return image, targets, self.input_size, img_id
 
     def _mixup(
         self, img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator

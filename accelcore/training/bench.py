@@ -249,18 +249,12 @@ def profile_train(recipe: Any, config: str = "fp32", iters: int = 10,
                 lambda *_: marks.__setitem__("head", time.perf_counter()))
         phases: dict[str, list[float]] = {p: [] for p in PHASES}
         source = _batches(base.loader)
-        aug = t.recipe.data.augment
         try:
             for k in range(warmup + iters):
                 t0 = time.perf_counter()
                 images, targets = next(source)
-                size = t._multiscale(k, aug)
-                from accelcore.data.multiscale import resize_batch
-
-                images, targets = resize_batch(images, targets, size)
-                images = t.precision.convert_input(images)
-                if t.cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
+                t.state.iteration = k
+                images, targets = t.prepare_batch(images, targets)
                 t1 = time.perf_counter()
                 with t.precision.forward_context():
                     losses = t.train_model(images, targets)

@@ -352,17 +352,26 @@ class Trainer:
             unwrap(self.model).start_no_augmentation()
         return no_aug
 
-    def train_one_iter(self, images: torch.Tensor, targets: torch.Tensor,
-                       multiscale: bool = True) -> dict[str, float]:
-        """One optimisation step at the current iteration (lr, multiscale size from it)."""
+    def prepare_batch(self, images: torch.Tensor, targets: torch.Tensor, multiscale: bool = True,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader batch made the network's input at the current iteration: float, resized to
+        its multiscale size (targets scaled with it), in the precision's dtype and the
+        configured memory format."""
+        from accelcore.data.loader import network_input
+
+        images = network_input(images, self.cfg.channels_last)
         if multiscale:
             size = self._multiscale(self.state.iteration, self.recipe.data.augment)
             images, targets = _resize_batch(images, targets, size)
-        else:
-            size = tuple(images.shape[-2:])
         images = self.precision.convert_input(images)
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
+
+    def train_one_iter(self, images: torch.Tensor, targets: torch.Tensor,
+                       multiscale: bool = True) -> dict[str, float]:
+        """One optimisation step at the current iteration (lr, multiscale size from it)."""
+        images, targets = self.prepare_batch(images, targets, multiscale)
         set_lr(self.optimizer, self.scheduler.lr_at(self.state.iteration))
         with self.precision.forward_context():
             losses = self.train_model(images, targets)
@@ -372,7 +381,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         out = {k: float(v.detach()) for k, v in losses.items() if k in self.loss_keys}
-        out["size"] = int(size[0])
+        out["size"] = int(images.shape[-2])
         return out
 
     def _multiscale(self, iteration: int, aug: Any) -> tuple[int, int]:
