@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks import BaseConv, conv_type
@@ -68,8 +69,18 @@ class YOLOXHead(nn.Module):
 
     def _predict(self, k: int, reg_feat: torch.Tensor, cls_feat: torch.Tensor) -> torch.Tensor:
         """Level ``k``'s raw output ``[B, 4 + 1 + C, H, W]``: box, objectness, class scores."""
-        return torch.cat([self.reg_preds[k](reg_feat), self.obj_preds[k](reg_feat),
-                          self.cls_preds[k](cls_feat)], dim=1)
+        reg, obj, cls = self.reg_preds[k], self.obj_preds[k], self.cls_preds[k]
+        if not self.training:
+            # Inference keeps one module per output: exporters and quantizers see the
+            # official graph.
+            return torch.cat([reg(reg_feat), obj(reg_feat), cls(cls_feat)], dim=1)
+        # Training: box and objectness come from one conv of their stacked weights, so the
+        # backward pass hands reg_feat one gradient instead of two to add (the 1-channel
+        # conv's comes back in another memory layout: that add took 52 ms of a bf16 step at
+        # batch 64, 416 px, on a 2-core Zen 4).
+        box_obj = F.conv2d(reg_feat, torch.cat([reg.weight, obj.weight]),
+                           torch.cat([reg.bias, obj.bias]))
+        return torch.cat([box_obj, cls(cls_feat)], dim=1)
 
     def forward(self, feats: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
         outputs = []
