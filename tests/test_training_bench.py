@@ -13,7 +13,13 @@ import pytest
 from accelcore.commands import bench
 from accelcore.config import load_recipe
 from accelcore.errors import RecipeError
-from accelcore.training.bench import CONFIGS, _variant, bench_train, config_overrides
+from accelcore.training.bench import (
+    CONFIGS,
+    _pool_rounds,
+    _variant,
+    bench_train,
+    config_overrides,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +60,23 @@ def test_configs_pin_every_knob_whatever_the_recipe_says():
     assert len({frozenset(c.items()) for c in CONFIGS.values()}) == len(CONFIGS)
 
 
+def test_rounds_pool_step_times_and_keep_failures():
+    def row(config: str, times: list[float], status: str = "ok") -> dict:
+        return {"config": config, "mode": "compute", "status": status, "batch": 4,
+                "img_per_s": 4 / sorted(times)[len(times) // 2] if times else None,
+                "step_s": times, "reason": "" if status == "ok" else "died"}
+
+    first = [row("a", [1.0, 1.0, 1.0]), row("b", [2.0, 2.0, 2.0])]
+    second = [row("a", [3.0, 3.0]), row("b", [], status="failed")]
+    a, b = _pool_rounds([first, second])
+    # pooled median of 1,1,1,3,3 is 1.0 s -> 4 img/s; each round's own figure is kept
+    assert a["img_per_s"] == pytest.approx(4.0) and a["step_ms"] == pytest.approx(1000.0)
+    assert a["round_img_per_s"] == pytest.approx([4.0, 4 / 3])
+    assert b["status"] == "failed" and b["reason"] == "died"
+    with pytest.raises(RecipeError, match="--rounds must be >= 1"):
+        bench_train(load_recipe(data={}), ["fp32"], ["compute"], rounds=0)
+
+
 @pytest.mark.slow
 def test_bench_train_runs_and_writes_json(tmp_path: Path):
     recipe = tmp_path / "r.yaml"
@@ -64,14 +87,14 @@ def test_bench_train_runs_and_writes_json(tmp_path: Path):
         "train: {batch_size: 2, threads: 1}\n")
     out = tmp_path / "b.json"
     args = _parser().parse_args(["bench", "train", str(recipe), "--configs",
-                                 "fp32,fp32_cl,bf16_cl+ipex",
+                                 "fp32,fp32_cl,bf16_cl+ipex", "--rounds", "2",
                                  "--iters", "1", "--warmup", "1", "--json", str(out)])
     assert args.handler(args) == 0
     rows = json.loads(out.read_text())
     assert {(r["config"], r["mode"]) for r in rows} == {
         (c, m) for c in ("fp32", "fp32_cl", "bf16_cl+ipex") for m in ("compute", "e2e")}
     ok = [r for r in rows if r["status"] == "ok"]
-    assert all(r["img_per_s"] > 0 for r in ok)
+    assert all(r["img_per_s"] > 0 and len(r["round_img_per_s"]) == 2 for r in ok)
     assert all(r["speedup"] == pytest.approx(1.0) for r in ok if r["config"] == "fp32")
     if importlib.util.find_spec("intel_extension_for_pytorch") is None:  # the main environment
         with_feature = [r for r in rows if r["config"] == "bf16_cl+ipex"]

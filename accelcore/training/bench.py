@@ -17,7 +17,11 @@ Each configuration runs in its own process by default (``isolate``): the allocat
 autocast caches and compiled code of one configuration never colour the next, and ``stock``
 really starts untuned (glibc's tuning variables only act from a process's start).
 
-Throughput is the median over the timed iterations after ``warmup`` untimed ones.
+Throughput is the median over the timed iterations after ``warmup`` untimed ones. With
+``rounds`` > 1 the whole list of configurations is measured that many times, interleaved
+(A B C A B C …), and each row pools the step times of all its rounds: on a shared machine whose
+speed drifts over minutes, every configuration then samples the same stretches of time, so
+their ratios are not an artefact of when each ran.
 """
 
 from __future__ import annotations
@@ -159,7 +163,8 @@ def _bench_configs(recipe: Any, configs: list[str] | tuple[str, ...],
                 rows.append({"config": name, "mode": mode, "img_per_s": batch / med,
                              "speedup": None, "step_ms": 1000 * med, "status": "ok",
                              "reason": "", "precision": chosen,
-                             "runtime": runtime_label(describe_runtime())})
+                             "runtime": runtime_label(describe_runtime()),
+                             "batch": batch, "step_s": times})
                 log(f"  {name:<16} {mode:<8} {batch / med:8.2f} img/s  "
                     f"(median step {1000 * med:.0f} ms over {iters}; {chosen})")
             del t
@@ -203,19 +208,45 @@ def _run_isolated(recipe: Any, name: str, modes: list[str], iters: int, warmup: 
             for mode in modes]
 
 
+def _pool_rounds(per_round: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (config, mode): the step times of every round pooled into one median, the
+    rounds' own img/s kept in ``round_img_per_s``. A row failed in any round stays failed."""
+    pooled = []
+    for rows in zip(*per_round, strict=True):
+        failed = next((r for r in rows if r["status"] != "ok"), None)
+        if failed is not None:
+            pooled.append(failed)
+            continue
+        times = [t for r in rows for t in r["step_s"]]
+        med = statistics.median(times)
+        pooled.append({**rows[0], "img_per_s": rows[0]["batch"] / med, "step_ms": 1000 * med,
+                       "step_s": times, "round_img_per_s": [r["img_per_s"] for r in rows]})
+    return pooled
+
+
 def bench_train(recipe: Any, configs: list[str] | tuple[str, ...] = DEFAULT_CONFIGS,
                 modes: list[str] | tuple[str, ...] = MODES, iters: int = 10, warmup: int = 3,
-                log: Any = print, isolate: bool = True) -> list[dict[str, Any]]:
-    """Rows ``{config, mode, img_per_s, speedup, step_ms, status, reason, precision, runtime}``;
-    ``speedup`` is relative to ``stock`` (or ``fp32`` when stock was not measured)."""
+                log: Any = print, isolate: bool = True, rounds: int = 1,
+                ) -> list[dict[str, Any]]:
+    """Rows ``{config, mode, img_per_s, speedup, step_ms, status, reason, precision, runtime}``
+    (plus ``round_img_per_s`` when ``rounds`` > 1); ``speedup`` is relative to ``stock`` (or
+    ``fp32`` when stock was not measured)."""
     _check_args(configs, modes, iters, warmup)
-    if isolate:
-        rows = []
-        with tempfile.TemporaryDirectory(prefix="accelcore-bench-") as tmp:
-            for name in configs:
-                rows += _run_isolated(recipe, name, modes, iters, warmup, Path(tmp))
-    else:
-        rows = _bench_configs(recipe, configs, modes, iters, warmup, log)
+    if rounds < 1:
+        raise RecipeError(f"--rounds must be >= 1, got {rounds}")
+    per_round = []
+    for k in range(rounds):
+        if rounds > 1:
+            log(f"round {k + 1}/{rounds}")
+        if isolate:
+            rows = []
+            with tempfile.TemporaryDirectory(prefix="accelcore-bench-") as tmp:
+                for name in configs:
+                    rows += _run_isolated(recipe, name, modes, iters, warmup, Path(tmp))
+        else:
+            rows = _bench_configs(recipe, configs, modes, iters, warmup, log)
+        per_round.append(rows)
+    rows = _pool_rounds(per_round)
     ran = {r["config"] for r in rows if r["status"] == "ok"}
     base = "stock" if "stock" in ran else "fp32"
     for row in rows:
