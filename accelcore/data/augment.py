@@ -62,7 +62,8 @@ def augment_hsv(
     vgain: float = 30,
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """Additive HSV jitter in place (each of H, S, V is switched on with probability 1/2)."""
+    """``img`` (BGR uint8) with an additive HSV jitter; each of H, S, V is switched on with
+    probability 1/2. Returns a new array: ``img`` itself is left as it was."""
     rng = _rng(rng)
     gains = rng.uniform(-1, 1, 3) * np.array([hgain, sgain, vgain])
     gains = (gains * rng.integers(0, 2, 3)).astype(np.int16)
@@ -73,9 +74,8 @@ def augment_hsv(
         axis=-1,
     ).astype(np.uint8)
     hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
-    hsv = cv2.LUT(hsv, lut.reshape(1, 256, 3))
-    img[...] = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
-    return img
+    cv2.LUT(hsv, lut.reshape(1, 256, 3), dst=hsv)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=hsv)
 
 
 def box_candidates(
@@ -103,7 +103,7 @@ def random_flip(
     x1 = boxes[:, 0].copy()
     boxes[:, 0] = width - boxes[:, 2]
     boxes[:, 2] = width - x1
-    return np.ascontiguousarray(img[:, ::-1]), boxes
+    return cv2.flip(img, 1), boxes
 
 
 def affine_matrix(
@@ -259,10 +259,10 @@ class TrainTransform:
             canvas, _ = letterbox_hwc(image, input_hw)
             return canvas, np.zeros((self.max_labels, 5), dtype=np.float32)
 
-        original = image.copy()
+        original = image
         image = np.ascontiguousarray(image)
         if rng.random() < self.hsv_prob:
-            augment_hsv(image, rng=rng)
+            image = augment_hsv(image, rng=rng)
         image, flipped = random_flip(image, boxes, self.flip_prob, rng)
         canvas, ratio = letterbox_hwc(image, input_hw)
         cxcywh = xyxy_to_cxcywh(flipped[:, :4]) * ratio
