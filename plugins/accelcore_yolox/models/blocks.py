@@ -11,6 +11,7 @@ from torch import nn
 
 from accelcore.training import depthwise_conv
 from accelcore.training.bn_silu import bn_silu
+from accelcore.training.space_to_depth import space_to_depth
 
 # Official YOLOX overrides BatchNorm defaults for every model size (``init_yolo`` in its Exp).
 BN_EPS = 1e-3
@@ -175,8 +176,13 @@ class Focus(nn.Module):
         self.conv = BaseConv(in_channels * 4, out_channels, ksize, stride, act=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            # The same blocks in one pass (and already in the autocast dtype): the slices and
+            # concat below cost more than the stem convolution itself on a channels_last batch.
+            return self.conv(space_to_depth(x))
         # Channel order (top-left, bottom-left, top-right, bottom-right) must match the official
-        # one, otherwise pretrained stem weights see permuted inputs.
+        # one, otherwise pretrained stem weights see permuted inputs. Inference keeps the plain
+        # ops, which every exporter traces.
         tl = x[..., ::2, ::2]
         bl = x[..., 1::2, ::2]
         tr = x[..., ::2, 1::2]
