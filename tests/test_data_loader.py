@@ -178,6 +178,10 @@ def test_collate_rejects_wrong_image_layout() -> None:
     chw_bytes = np.zeros((3, 16, 16), np.uint8)  # 8-bit but channels first
     with pytest.raises(DataError, match=r"uint8 HWC images with 3 channels.*got uint8 \(3, 16"):
         collate_train([(chw_bytes, np.zeros((4, 5), np.float32))])
+    hwc_bytes, hwc_floats = np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.float32)
+    with pytest.raises(DataError, match=r"uint8 HWC images.*got float32 \(16, 16, 3\)"):
+        collate_train([(hwc_bytes, np.zeros((4, 5), np.float32)),
+                       (hwc_floats, np.zeros((4, 5), np.float32))])
 
 
 def test_eval_loader_letterboxes_in_order() -> None:

@@ -149,8 +149,9 @@ def collate_train(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
             f"image/target shapes {shapes}: {e}"
         ) from None
     layout_ok = images.ndim == 4 and (images.shape[-1] == 3 if pixels else images.shape[1] == 3)
-    if not layout_ok or images.dtype not in (np.uint8, np.float32) or targets.ndim != 3 \
-            or targets.shape[-1] != 5:
+    # dtype too: a float item among 8-bit ones would stack to a float HWC batch.
+    dtype_ok = images.dtype == (np.uint8 if pixels else np.float32)
+    if not (layout_ok and dtype_ok) or targets.ndim != 3 or targets.shape[-1] != 5:
         expected = "uint8 HWC" if pixels else "CHW"
         raise DataError(
             f"training items must be {expected} images with 3 channels and [max_labels, 5] "
