@@ -233,11 +233,13 @@ def test_loss_is_fp32_under_bf16_autocast(model):
     model.train()
     images, targets = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        raw = model.head(model.backbone(images))
+        features = model.backbone(images)
+        raw = model.head(features)
         losses = model(images, targets)
-    assert raw.dtype == torch.bfloat16  # the forward really ran in bf16
+    assert all(f.dtype == torch.bfloat16 for f in features)  # the network really ran in bf16
+    assert raw.dtype == torch.float32  # the prediction convs run in fp32 when training
     assert all(v.dtype == torch.float32 for v in losses.values())
-    # same as computing the loss from the upcast bf16 output outside autocast
-    ref = yolox_loss(raw.float(), targets, (64, 96))
+    # same as computing the loss from that output outside autocast
+    ref = yolox_loss(raw, targets, (64, 96))
     assert torch.allclose(losses["total_loss"], ref["total_loss"], rtol=1e-4)
     assert math.isfinite(float(losses["total_loss"].detach()))
