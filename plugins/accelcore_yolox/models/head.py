@@ -70,9 +70,9 @@ class YOLOXHead(nn.Module):
     def _predict(self, k: int, reg_feat: torch.Tensor, cls_feat: torch.Tensor) -> torch.Tensor:
         """Level ``k``'s raw output ``[B, 4 + 1 + C, H, W]``: box, objectness, class scores."""
         reg, obj, cls = self.reg_preds[k], self.obj_preds[k], self.cls_preds[k]
-        if not self.training:
+        if not self.training or not all(type(m) is nn.Conv2d for m in (reg, obj)):
             # Inference keeps one module per output: exporters and quantizers see the
-            # official graph.
+            # official graph; so do modules a training feature replaced (IPEX packs weights).
             return torch.cat([reg(reg_feat), obj(reg_feat), cls(cls_feat)], dim=1)
         # Training: box and objectness come from one conv of their stacked weights, so the
         # backward pass hands reg_feat one gradient instead of two to add (the 1-channel
