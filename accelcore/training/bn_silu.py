@@ -16,7 +16,6 @@ the running statistics get the unbiased variance with the module's momentum.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ def extension() -> Any | None:
 
 
 def enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "1") != "0"
+    return native.switched_on(SWITCH_ENV)
 
 
 def fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:

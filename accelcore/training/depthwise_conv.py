@@ -25,7 +25,6 @@ depthwise ``nn.Conv2d`` is concerned, outside ``torch.compile``; everywhere else
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -51,12 +50,8 @@ Form = Callable[[nn.Conv2d, torch.Tensor], torch.Tensor]
 _CHOICES: dict[tuple[tuple, tuple[str, ...]], str] = {}
 
 
-def _on(env: str) -> bool:
-    return os.environ.get(env, "1") != "0"
-
-
 def enabled() -> bool:
-    return _on(SWITCH_ENV)
+    return native.switched_on(SWITCH_ENV)
 
 
 def kernel() -> Any | None:
@@ -85,7 +80,7 @@ def _kernel_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and conv.in_channels % 16 == 0
             and _compute_dtype(x) in (torch.float32, torch.bfloat16)
             and conv.weight.dtype in (torch.float32, torch.bfloat16)
-            and _on(KERNEL_SWITCH_ENV) and kernel() is not None)
+            and native.switched_on(KERNEL_SWITCH_ENV) and kernel() is not None)
 
 
 def forms(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, Form]:

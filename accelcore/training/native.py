@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +39,8 @@ def build(name: str) -> Any | None:
     except Exception as exc:  # no compiler, no headers: the eager ops still train correctly
         log.warning("C++ kernel %s unavailable (%s); using the eager ops", name, one_line(exc))
         return None
+
+
+def switched_on(env: str) -> bool:
+    """Whether the kernel switch ``env`` is on (it is unless set to ``0``)."""
+    return os.environ.get(env, "1") != "0"

@@ -11,7 +11,6 @@ not float32, under ``torch.compile`` or tracing, the kernel cannot be built,
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ def _native_applies(x: torch.Tensor) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last)
             and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting() and os.environ.get(SWITCH_ENV, "1") != "0"
+            and not torch.jit.is_scripting() and native.switched_on(SWITCH_ENV)
             and extension() is not None)
 
 
@@ -50,5 +49,11 @@ def space_to_depth(x: torch.Tensor) -> torch.Tensor:
     """
     if _native_applies(x):
         return extension().space_to_depth(x, _autocast_bfloat16(x))
+    return stacked_slices(x)
+
+
+def stacked_slices(x: torch.Tensor) -> torch.Tensor:
+    """The same blocks from plain ops (four strided slices and a concat): what every exporter
+    traces, and the one place the channel order is written."""
     return torch.cat((x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]),
                      dim=1)

@@ -11,7 +11,7 @@ from torch import nn
 
 from accelcore.training import depthwise_conv
 from accelcore.training.bn_silu import bn_silu
-from accelcore.training.space_to_depth import space_to_depth
+from accelcore.training.space_to_depth import space_to_depth, stacked_slices
 
 # Official YOLOX overrides BatchNorm defaults for every model size (``init_yolo`` in its Exp).
 BN_EPS = 1e-3
@@ -178,16 +178,13 @@ class Focus(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             # The same blocks in one pass (and already in the autocast dtype): the slices and
-            # concat below cost more than the stem convolution itself on a channels_last batch.
+            # concat (stacked_slices) cost more than the stem convolution itself on a
+            # channels_last batch.
             return self.conv(space_to_depth(x))
         # Channel order (top-left, bottom-left, top-right, bottom-right) must match the official
         # one, otherwise pretrained stem weights see permuted inputs. Inference keeps the plain
         # ops, which every exporter traces.
-        tl = x[..., ::2, ::2]
-        bl = x[..., 1::2, ::2]
-        tr = x[..., ::2, 1::2]
-        br = x[..., 1::2, 1::2]
-        return self.conv(torch.cat((tl, bl, tr, br), dim=1))
+        return self.conv(stacked_slices(x))
 
     def as_strided_conv(self) -> BaseConv:
         """The exact same function as one ``2k×2k`` stride-2 convolution on the image.
