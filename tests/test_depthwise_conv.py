@@ -1,5 +1,5 @@
-"""Depthwise convolutions in training: the stride-1 + subsampling form and the weight-gradient
-kernel form are the same convolution (output, input and weight gradients), the measured choice
+"""Depthwise convolutions in training: the stride-1 + subsampling form and the kernel-gradient
+form are the same convolution (output, input and weight gradients), the measured choice
 is remembered per shape, and the module is used unchanged wherever no choice applies."""
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_subsampling_hands_the_convolution_a_channels_last_gradient():
 
 
 needs_kernel = pytest.mark.skipif(depthwise_conv.kernel() is None,
-                                  reason="weight-gradient kernel: AVX-512 CPUs with a compiler")
+                                  reason="gradient kernels: AVX-512 CPUs with a compiler")
 
 
 @needs_kernel
@@ -147,10 +147,13 @@ needs_kernel = pytest.mark.skipif(depthwise_conv.kernel() is None,
                          [(torch.float32, 13, 1, False, False),
                           (torch.float32, 9, 1, True, False),
                           (torch.float32, 17, 2, False, False),
+                          (torch.float32, 14, 2, True, False),
                           (torch.bfloat16, 12, 1, False, False),
+                          (torch.bfloat16, 20, 2, False, False),
+                          (torch.bfloat16, 15, 2, True, False),
                           (torch.float32, 11, 1, True, True),
                           (torch.float32, 16, 2, False, True)])
-def test_weight_gradient_kernel_form_is_the_same_convolution(dtype, size, stride, bias, autocast):
+def test_kernel_gradient_form_is_the_same_convolution(dtype, size, stride, bias, autocast):
     torch.manual_seed(size)
     conv = nn.Conv2d(32, 32, 3, stride, 1, groups=32, bias=bias).to(dtype)
     twin = nn.Conv2d(32, 32, 3, stride, 1, groups=32, bias=bias).to(dtype)
@@ -159,7 +162,7 @@ def test_weight_gradient_kernel_form_is_the_same_convolution(dtype, size, stride
     assert "kernel" in depthwise_conv.forms(conv, x)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        ya, yb = conv(xa), depthwise_conv.with_weight_grad_kernel(twin, xb)
+        ya, yb = conv(xa), depthwise_conv.with_kernel_grads(twin, xb)
     assert ya.dtype == yb.dtype and ya.shape == yb.shape
     grad = torch.randn_like(ya)
     ya.backward(grad)
@@ -169,6 +172,7 @@ def test_weight_gradient_kernel_form_is_the_same_convolution(dtype, size, stride
     torch.testing.assert_close(yb, ya, **tol)
     torch.testing.assert_close(xb.grad, xa.grad, **tol)
     assert twin.weight.grad.dtype == conv.weight.grad.dtype == dtype
+    assert xb.grad.is_contiguous(memory_format=CL)
     # the reference weight gradient in float64 (oneDNN's own bfloat16 one is the less exact)
     xr = x.double().requires_grad_()
     ref = nn.Conv2d(32, 32, 3, stride, 1, groups=32, bias=bias).double()
@@ -196,5 +200,9 @@ def test_kernel_form_offered_only_where_it_fits(monkeypatch):
     x8 = torch.randn(2, 8, 8, 8).contiguous(memory_format=CL)
     eight = nn.Conv2d(8, 8, 3, 1, 1, groups=8).to(memory_format=CL)
     assert set(depthwise_conv.forms(eight, x8)) == {"onednn"}  # 16k channels only
+    strided = nn.Conv2d(16, 16, 3, 2, 1, groups=16).to(memory_format=CL).train()
+    assert set(depthwise_conv.forms(strided, x16)) == {"onednn", "subsampled", "kernel"}
+    stride3 = nn.Conv2d(16, 16, 3, 3, 1, groups=16).to(memory_format=CL).train()
+    assert set(depthwise_conv.forms(stride3, x16)) == {"onednn", "subsampled"}  # 1 or 2 only
     monkeypatch.setenv(depthwise_conv.KERNEL_SWITCH_ENV, "0")
     assert set(depthwise_conv.forms(conv, x16)) == {"onednn"}

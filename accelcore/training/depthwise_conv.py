@@ -8,9 +8,12 @@ Why, profiled on a 2-core Zen 4 (yolox_nano, batch 64, 416 px, bf16 autocast + c
   same output and gradients can come from the stride-1 kernel at ``s``² times the arithmetic
   ("subsampled").
 - oneDNN's bfloat16 *weight* gradient of a 3x3 depthwise convolution ran slower than its float32
-  one (64 channels at 52 px, batch 64: 9-12 ms against 6-7.5 ms); ``depthwise_wgrad.cpp``
-  computes it in 4 ms, its nine sums in registers ("kernel": oneDNN forward and input gradient,
-  that weight gradient; subsampled as well when the convolution is strided).
+  one (64 channels at 52 px, batch 64: 9-12 ms against 6-7.5 ms), and its bfloat16 backward of
+  the stride-2 ones slower still (16 channels at 208 px: 130 ms against 29 in float32).
+  ``depthwise3x3.cpp`` computes the weight gradient (stride 1 or 2) with its nine sums in
+  registers, and the stride-2 input gradient as a gather of at most two grad rows per input
+  row: 12 ms for that layer in bfloat16 ("kernel": oneDNN's forward, those gradients; oneDNN's
+  input gradient at stride 1, where it is fast).
 
 Which form wins depends on the CPU, the dtype and the shape (the subsampled form lost at 16
 channels and 208 px; the weight-gradient kernel only matches oneDNN in float32), so
@@ -19,7 +22,7 @@ shape and remembers the winner for the process.
 
 Only training (grad enabled, module in training mode) on channels_last CPU inputs of a
 depthwise ``nn.Conv2d`` is concerned, outside ``torch.compile``; everywhere else, and with
-``ACCELCORE_SUBSAMPLED_DW=0`` and ``ACCELCORE_DW_WGRAD_KERNEL=0``, it is exactly ``conv(x)``.
+``ACCELCORE_SUBSAMPLED_DW=0`` and ``ACCELCORE_DW_KERNEL=0``, it is exactly ``conv(x)``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from accelcore.training import native
 log = logging.getLogger(__name__)
 
 SWITCH_ENV = "ACCELCORE_SUBSAMPLED_DW"
-KERNEL_SWITCH_ENV = "ACCELCORE_DW_WGRAD_KERNEL"
+KERNEL_SWITCH_ENV = "ACCELCORE_DW_KERNEL"
 #: Timed forward + backward passes per form (after one untimed warm-up each), interleaved.
 TRIALS = 3
 
@@ -56,7 +59,7 @@ def enabled() -> bool:
 
 def kernel() -> Any | None:
     """The weight-gradient kernel (AVX-512 CPUs only; None elsewhere or if it cannot be built)."""
-    return native.build("depthwise_wgrad") if "avx512f" in real_cpu_flags() else None
+    return native.build("depthwise3x3") if "avx512f" in real_cpu_flags() else None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -77,7 +80,7 @@ def _depthwise_training(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 def _kernel_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.padding) == (1, 1)
-            and conv.in_channels % 16 == 0
+            and tuple(conv.stride) in ((1, 1), (2, 2)) and conv.in_channels % 16 == 0
             and _compute_dtype(x) in (torch.float32, torch.bfloat16)
             and conv.weight.dtype in (torch.float32, torch.bfloat16)
             and native.switched_on(KERNEL_SWITCH_ENV) and kernel() is not None)
@@ -93,7 +96,7 @@ def forms(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, Form]:
     if strided and enabled():
         found["subsampled"] = subsampled
     if _kernel_fits(conv, x):
-        found["kernel"] = with_weight_grad_kernel
+        found["kernel"] = with_kernel_grads
     return found
 
 
@@ -127,53 +130,55 @@ class _Subsample(torch.autograd.Function):
         return out, None, None
 
 
-def _sampled(conv: nn.Conv2d, full: torch.Tensor) -> torch.Tensor:
-    return _Subsample.apply(full, *conv.stride) if max(conv.stride) > 1 else full
-
-
 def subsampled(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` computed as the stride-1 convolution sampled every ``stride`` pixels."""
     full = F.conv2d(x, conv.weight, conv.bias, 1, conv.padding, 1, conv.groups)
-    return _sampled(conv, full)
+    return _Subsample.apply(full, *conv.stride)
 
 
-class _KernelWeightGrad(torch.autograd.Function):
-    """Stride-1 3x3 depthwise convolution: oneDNN's forward and input gradient, the weight
-    gradient from ``depthwise_wgrad.cpp``. Computes in the autocast dtype where autocast is on,
-    as ``F.conv2d`` would."""
+class _KernelGrad(torch.autograd.Function):
+    """3x3 depthwise convolution, stride 1 or 2: oneDNN's forward; the weight gradient, and at
+    stride 2 the input gradient, from ``depthwise3x3.cpp``. Computes in the autocast dtype where
+    autocast is on, as ``F.conv2d`` would."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stride: int) -> torch.Tensor:
         dtype = _compute_dtype(x)
         xc, wc = x.to(dtype), weight.to(dtype)
         with torch.autocast("cpu", enabled=False):
-            out = F.conv2d(xc, wc, None if bias is None else bias.to(dtype), 1, 1, 1,
+            out = F.conv2d(xc, wc, None if bias is None else bias.to(dtype), stride, 1, 1,
                            weight.shape[0])
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.stride = stride
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xc, wc = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
+        stride = ctx.stride
         grad = grad.to(xc.dtype).contiguous(memory_format=torch.channels_last)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, xc, wc, None, [1, 1], [1, 1], [1, 1], False, [0, 0], wc.shape[0],
-                [True, False, False])[0].to(x_dtype)
+            if stride == 1:
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad, xc, wc, None, [1, 1], [1, 1], [1, 1], False, [0, 0], wc.shape[0],
+                    [True, False, False])[0]
+            else:
+                grad_x = kernel().input_grad_s2(grad, wc, list(xc.shape))
+            grad_x = grad_x.to(x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = kernel().weight_grad(grad, xc).to(w_dtype)
+            grad_w = kernel().weight_grad(grad, xc, stride).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3), dtype=torch.float32).to(b_dtype)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def with_weight_grad_kernel(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` with the weight gradient from the kernel (subsampled when strided)."""
-    return _sampled(conv, _KernelWeightGrad.apply(x, conv.weight, conv.bias))
+def with_kernel_grads(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` with the gradients from the kernels (see :class:`_KernelGrad`)."""
+    return _KernelGrad.apply(x, conv.weight, conv.bias, conv.stride[0])
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

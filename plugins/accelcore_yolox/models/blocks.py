@@ -7,10 +7,12 @@ YOLOX implementation so that its checkpoints load with ``strict=True``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from accelcore.training import depthwise_conv
 from accelcore.training.bn_silu import bn_silu
+from accelcore.training.layout import channel_cat
 from accelcore.training.space_to_depth import space_to_depth, stacked_slices
 
 # Official YOLOX overrides BatchNorm defaults for every model size (``init_yolo`` in its Exp).
@@ -132,7 +134,27 @@ class SPPBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
+        if self.training:
+            return self.conv2(channel_cat([x, *chained_max_pools(x, self.m)]))
         return self.conv2(torch.cat([x, *(pool(x) for pool in self.m)], dim=1))
+
+
+def chained_max_pools(x: torch.Tensor, pools: nn.ModuleList) -> list[torch.Tensor]:
+    """The outputs of stride-1 max pools of growing odd sizes, each from the previous one.
+
+    A k-window max of an m-window max is the (k + m - 1)-window max (padding is -inf either
+    way), so 5, 9 and 13 are three 5x5 pools, 75 window elements per pixel instead of 275:
+    SPP's pools took 30 ms of a bf16 training step (batch 64, 416 px, 2-core Zen 4). The values
+    are the same; with ties the gradient may go to another maximum than the direct pool's.
+    """
+    outputs, size, prev = [], 1, x
+    for pool in pools:
+        k = int(pool.kernel_size)
+        step = k - size + 1
+        prev = F.max_pool2d(prev, step, 1, step // 2)
+        outputs.append(prev)
+        size = k
+    return outputs
 
 
 class CSPLayer(nn.Module):
@@ -158,6 +180,8 @@ class CSPLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:  # gradients of the concat as contiguous pieces (training.layout)
+            return self.conv3(channel_cat((self.m(self.conv1(x)), self.conv2(x))))
         return self.conv3(torch.cat((self.m(self.conv1(x)), self.conv2(x)), dim=1))
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
+
+from accelcore.training.layout import channel_cat
 
 from .blocks import BaseConv, CSPLayer, conv_type
 from .darknet import CSPDarknet
@@ -45,11 +49,13 @@ class YOLOPAFPN(nn.Module):
         feats = self.backbone(x)
         x2, x1, x0 = (feats[f] for f in self.in_features)
 
+        # Training: the concats' gradients as contiguous pieces (training.layout).
+        cat = channel_cat if self.training else partial(torch.cat, dim=1)
         fpn_out0 = self.lateral_conv0(x0)
-        f_out0 = self.C3_p4(torch.cat([self.upsample(fpn_out0), x1], 1))
+        f_out0 = self.C3_p4(cat([self.upsample(fpn_out0), x1]))
         fpn_out1 = self.reduce_conv1(f_out0)
-        pan_out2 = self.C3_p3(torch.cat([self.upsample(fpn_out1), x2], 1))
+        pan_out2 = self.C3_p3(cat([self.upsample(fpn_out1), x2]))
 
-        pan_out1 = self.C3_n3(torch.cat([self.bu_conv2(pan_out2), fpn_out1], 1))
-        pan_out0 = self.C3_n4(torch.cat([self.bu_conv1(pan_out1), fpn_out0], 1))
+        pan_out1 = self.C3_n3(cat([self.bu_conv2(pan_out2), fpn_out1]))
+        pan_out0 = self.C3_n4(cat([self.bu_conv1(pan_out1), fpn_out0]))
         return pan_out2, pan_out1, pan_out0

@@ -1,0 +1,63 @@
+"""Training-graph rewrites that must leave the function unchanged: the channel concat with
+contiguous gradient pieces, and SPP's chained max pools."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelcore_yolox.models.blocks import SPPBottleneck, chained_max_pools
+from torch import nn
+
+from accelcore.training.layout import channel_cat
+
+CL = torch.channels_last
+
+
+def _parts(dtype=torch.float32):
+    torch.manual_seed(0)
+    return [torch.randn(2, c, 5, 6, dtype=dtype).contiguous(memory_format=CL).requires_grad_()
+            for c in (3, 4, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_cat_is_cat_with_contiguous_gradients(dtype):
+    parts, twins = _parts(dtype), _parts(dtype)
+    out, want = channel_cat(parts), torch.cat(twins, dim=1)
+    assert out.grad_fn is not None and "ChannelCat" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    grad = torch.randn_like(out).contiguous(memory_format=CL)
+    out.backward(grad)
+    want.backward(grad)
+    for got, ref in zip(parts, twins, strict=True):
+        assert got.grad.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(got.grad, ref.grad, rtol=0, atol=0)
+
+
+def test_channel_cat_is_plain_cat_where_nothing_is_gained():
+    parts = _parts()
+    with torch.no_grad():
+        assert channel_cat(parts).grad_fn is None
+    nchw = [p.detach().contiguous().requires_grad_() for p in parts]
+    assert "ChannelCat" not in type(channel_cat(nchw).grad_fn).__name__
+    frozen = [p.detach() for p in parts]
+    assert channel_cat(frozen).grad_fn is None
+    torch.testing.assert_close(channel_cat(frozen), torch.cat(frozen, 1))
+
+
+def test_chained_max_pools_equal_the_direct_pools():
+    spp = SPPBottleneck(16, 16)
+    # continuous random values: no ties, so the gradients route to the same maxima too
+    x = torch.randn(2, 8, 13, 11, dtype=torch.float64).contiguous(memory_format=CL)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = chained_max_pools(xa, spp.m)
+    want = [pool(xb) for pool in spp.m]
+    weights = [torch.randn_like(w) for w in want]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    sum((g * k).sum() for g, k in zip(got, weights, strict=True)).backward()
+    sum((w * k).sum() for w, k in zip(want, weights, strict=True)).backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    # any growing odd sizes, not only YOLOX's (5, 9, 13)
+    pools = nn.ModuleList(nn.MaxPool2d(k, 1, k // 2) for k in (3, 7, 9))
+    for g, pool in zip(chained_max_pools(x, pools), pools, strict=True):
+        torch.testing.assert_close(g, pool(x), rtol=0, atol=0)
