@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelcore_yolox.models.blocks import SPPBottleneck, chained_max_pools
+from accelcore_yolox.models.blocks import SPPBottleneck, chainable, chained_max_pools
 from torch import nn
 
 from accelcore.training.layout import channel_cat
@@ -61,3 +61,17 @@ def test_chained_max_pools_equal_the_direct_pools():
     pools = nn.ModuleList(nn.MaxPool2d(k, 1, k // 2) for k in (3, 7, 9))
     for g, pool in zip(chained_max_pools(x, pools), pools, strict=True):
         torch.testing.assert_close(g, pool(x), rtol=0, atol=0)
+
+
+def test_only_growing_odd_same_pools_are_chained():
+    def pools(*specs):
+        return nn.ModuleList(nn.MaxPool2d(*spec) for spec in specs)
+
+    assert chainable(SPPBottleneck(16, 16).m)
+    assert chainable(pools((3, 1, 1), (7, 1, 3)))
+    assert not chainable(pools((9, 1, 4), (5, 1, 2)))  # shrinking
+    assert not chainable(pools((5, 1, 2), (5, 1, 2)))  # repeated
+    assert not chainable(pools((4, 1, 2)))  # even
+    assert not chainable(pools((5, 2, 2)))  # strided
+    assert not chainable(pools((5, 1, 0)))  # not 'same'
+    assert not chainable(nn.ModuleList([nn.AvgPool2d(5, 1, 2)]))

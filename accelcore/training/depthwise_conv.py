@@ -58,7 +58,7 @@ def enabled() -> bool:
 
 
 def kernel() -> Any | None:
-    """The weight-gradient kernel (AVX-512 CPUs only; None elsewhere or if it cannot be built)."""
+    """The gradient kernels (AVX-512 CPUs only; None elsewhere or if they cannot be built)."""
     return native.build("depthwise3x3") if "avx512f" in real_cpu_flags() else None
 
 

@@ -134,9 +134,24 @@ class SPPBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
-        if self.training:
+        if self.training and chainable(self.m):
             return self.conv2(channel_cat([x, *chained_max_pools(x, self.m)]))
         return self.conv2(torch.cat([x, *(pool(x) for pool in self.m)], dim=1))
+
+
+def chainable(pools: nn.ModuleList) -> bool:
+    """Whether :func:`chained_max_pools` computes these pools: stride-1 'same' max pools of
+    growing odd sizes."""
+    sizes = []
+    for pool in pools:
+        k = pool.kernel_size
+        if not (isinstance(pool, nn.MaxPool2d) and isinstance(k, int) and k % 2 == 1
+                and pool.stride in (1, (1, 1)) and pool.padding in (k // 2, (k // 2,) * 2)
+                and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+                and not pool.return_indices):
+            return False
+        sizes.append(k)
+    return sizes == sorted(set(sizes))
 
 
 def chained_max_pools(x: torch.Tensor, pools: nn.ModuleList) -> list[torch.Tensor]:
@@ -149,7 +164,7 @@ def chained_max_pools(x: torch.Tensor, pools: nn.ModuleList) -> list[torch.Tenso
     """
     outputs, size, prev = [], 1, x
     for pool in pools:
-        k = int(pool.kernel_size)
+        k = pool.kernel_size
         step = k - size + 1
         prev = F.max_pool2d(prev, step, 1, step // 2)
         outputs.append(prev)
