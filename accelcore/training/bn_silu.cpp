@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -222,6 +223,120 @@ inline void stats_tile(const uint16_t* __restrict__ in, const float* __restrict_
   stats_tile<uint16_t>(in + j, o + j, s + j, sq + j, n - j);
 }
 
+// Register-blocked versions for channel counts of 16 * B (B <= 8; yolox_nano has 16-128): a
+// tile is whole rows, so per-channel constants and sums stay in registers for the whole tile
+// instead of being loaded (and, for sums, stored) with every vector. The tile loops above were
+// bound by those loads and stores: bf16 forward 1.3-1.5x and backward 1.5-2.4x faster this way
+// on a 2-core Zen 4 (alternated A/B, batch 64, 16-64 channels). float32 stays on the generic
+// loops: `auto` trains in bf16 wherever these instructions exist.
+template <int B>
+inline void stats_rows(const uint16_t* __restrict__ in, const float* __restrict__ o,
+                       float* __restrict__ s, float* __restrict__ sq, int64_t n) {
+  __m512 acc[B], acc2[B], shift[B];
+  for (int b = 0; b < B; ++b) {
+    acc[b] = _mm512_setzero_ps();
+    acc2[b] = _mm512_setzero_ps();
+    shift[b] = _mm512_loadu_ps(o + 16 * b);
+  }
+  for (int64_t j = 0; j < n; j += 16 * B) {
+    for (int b = 0; b < B; ++b) {
+      const __m512 v = _mm512_sub_ps(bf16x16::load(in + j + 16 * b), shift[b]);
+      acc[b] = _mm512_add_ps(acc[b], v);
+      acc2[b] = _mm512_fmadd_ps(v, v, acc2[b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    _mm512_storeu_ps(s + 16 * b, _mm512_add_ps(_mm512_loadu_ps(s + 16 * b), acc[b]));
+    _mm512_storeu_ps(sq + 16 * b, _mm512_add_ps(_mm512_loadu_ps(sq + 16 * b), acc2[b]));
+  }
+}
+
+// Calls body(std::integral_constant<int, B>) for channels == 16 * B (B in 1..4, 6, 8): the
+// register-blocked loops below. False (nothing called) for other channel counts.
+template <typename F>
+inline bool by_blocks(int64_t channels, F body) {
+  switch (channels) {
+    case 16: body(std::integral_constant<int, 1>{}); return true;
+    case 32: body(std::integral_constant<int, 2>{}); return true;
+    case 48: body(std::integral_constant<int, 3>{}); return true;
+    case 64: body(std::integral_constant<int, 4>{}); return true;
+    case 96: body(std::integral_constant<int, 6>{}); return true;
+    case 128: body(std::integral_constant<int, 8>{}); return true;
+    default: return false;
+  }
+}
+
+template <int B>
+inline void silu_rows(const uint16_t* __restrict__ in, const float* __restrict__ k,
+                      const float* __restrict__ d, uint16_t* __restrict__ out, int64_t n) {
+  __m512 kk[B], dd[B];
+  for (int b = 0; b < B; ++b) {
+    kk[b] = _mm512_loadu_ps(k + 16 * b);
+    dd[b] = _mm512_loadu_ps(d + 16 * b);
+  }
+  for (int64_t j = 0; j < n; j += 16 * B) {
+    for (int b = 0; b < B; ++b) {
+      const __m512 z = _mm512_fmadd_ps(bf16x16::load(in + j + 16 * b), kk[b], dd[b]);
+      bf16x16::store(out + j + 16 * b, _mm512_mul_ps(z, bf16x16::sigmoid(z)));
+    }
+  }
+}
+
+template <int B>
+inline void silu_grad_rows(const uint16_t* __restrict__ in, const uint16_t* __restrict__ g,
+                           const float* __restrict__ k, const float* __restrict__ d,
+                           const float* __restrict__ m, uint16_t* __restrict__ out,
+                           float* __restrict__ sdz, float* __restrict__ sdzx, int64_t n) {
+  using bf16x16::f;
+  __m512 kk[B], dd[B], mm[B], a1[B], a2[B];
+  for (int b = 0; b < B; ++b) {
+    kk[b] = _mm512_loadu_ps(k + 16 * b);
+    dd[b] = _mm512_loadu_ps(d + 16 * b);
+    mm[b] = _mm512_loadu_ps(m + 16 * b);
+    a1[b] = _mm512_setzero_ps();
+    a2[b] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < n; j += 16 * B) {
+    for (int b = 0; b < B; ++b) {
+      const int64_t at = j + 16 * b;
+      const __m512 v = bf16x16::load(in + at);
+      const __m512 z = _mm512_fmadd_ps(v, kk[b], dd[b]);
+      const __m512 s = bf16x16::sigmoid(z);
+      const __m512 dz = _mm512_mul_ps(_mm512_mul_ps(bf16x16::load(g + at), s),
+                                      _mm512_fmadd_ps(z, _mm512_sub_ps(f(1.f), s), f(1.f)));
+      bf16x16::store(out + at, dz);
+      a1[b] = _mm512_add_ps(a1[b], dz);
+      a2[b] = _mm512_fmadd_ps(dz, _mm512_sub_ps(v, mm[b]), a2[b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    _mm512_storeu_ps(sdz + 16 * b, _mm512_add_ps(_mm512_loadu_ps(sdz + 16 * b), a1[b]));
+    _mm512_storeu_ps(sdzx + 16 * b, _mm512_add_ps(_mm512_loadu_ps(sdzx + 16 * b), a2[b]));
+  }
+}
+
+template <int B>
+inline void input_grad_rows(const uint16_t* __restrict__ in, uint16_t* __restrict__ io,
+                            const float* __restrict__ kdz, const float* __restrict__ koff,
+                            const float* __restrict__ kx, const float* __restrict__ m,
+                            int64_t n) {
+  __m512 a[B], c[B], e[B], mm[B];
+  for (int b = 0; b < B; ++b) {
+    a[b] = _mm512_loadu_ps(kdz + 16 * b);
+    c[b] = _mm512_loadu_ps(koff + 16 * b);
+    e[b] = _mm512_loadu_ps(kx + 16 * b);
+    mm[b] = _mm512_loadu_ps(m + 16 * b);
+  }
+  for (int64_t j = 0; j < n; j += 16 * B) {
+    for (int b = 0; b < B; ++b) {
+      const int64_t at = j + 16 * b;
+      const __m512 centred = _mm512_sub_ps(bf16x16::load(in + at), mm[b]);
+      const __m512 scaled = _mm512_fmsub_ps(a[b], bf16x16::load(io + at), c[b]);
+      bf16x16::store(io + at, _mm512_fnmadd_ps(e[b], centred, scaled));
+    }
+  }
+}
+
 inline void silu_tile(const uint16_t* __restrict__ in, const float* __restrict__ k,
                       const float* __restrict__ d, uint16_t* __restrict__ out, int64_t n) {
   int64_t j = 0;
@@ -282,6 +397,15 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   const auto shift_tile = tiling.repeat(first);
   const float* __restrict__ o = shift_tile.data();
   auto sums = channel_sums(tiling, [&](int64_t t, float* s, float* sq) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      const uint16_t* in = xp + t * tiling.tile;
+      const int64_t n = tiling.values(t);
+      if (by_blocks(channels, [&](auto blocks) {
+            stats_rows<decltype(blocks)::value>(in, o, s, sq, n); }))
+        return;
+    }
+#endif
     stats_tile(xp + t * tiling.tile, o, s, sq, tiling.values(t));
   });
   auto opts = weight.options().dtype(at::kFloat);
@@ -307,6 +431,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   at::Tensor y = at::empty_like(x);
   T* yp = static_cast<T*>(y.data_ptr());
   for_each_tile(tiling, [&](int64_t offset, int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (by_blocks(channels, [&](auto blocks) {
+            silu_rows<decltype(blocks)::value>(xp + offset, k, d, yp + offset, n); }))
+        return;
+    }
+#endif
     silu_tile(xp + offset, k, d, yp + offset, n);
   });
   return {y, mean, invstd, var};
@@ -340,6 +471,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
   T* dp = static_cast<T*>(grad_x.data_ptr());
   auto sums = channel_sums(tiling, [&](int64_t t, float* sdz, float* sdzx) {
     const int64_t offset = t * tiling.tile;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      const int64_t n = tiling.values(t);
+      if (by_blocks(channels, [&](auto blocks) {
+            silu_grad_rows<decltype(blocks)::value>(xp + offset, gp + offset, k, d, m,
+                                                    dp + offset, sdz, sdzx, n); }))
+        return;
+    }
+#endif
     silu_grad_tile(xp + offset, gp + offset, k, d, m, dp + offset, sdz, sdzx, tiling.values(t));
   });
   auto opts = weight.options().dtype(at::kFloat);
@@ -362,6 +502,14 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
   const float* __restrict__ kx = kx_tile.data();
   // Pass 2, in place: dz -> dx.
   for_each_tile(tiling, [&](int64_t offset, int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (by_blocks(channels, [&](auto blocks) {
+            input_grad_rows<decltype(blocks)::value>(xp + offset, dp + offset, kdz, koff, kx, m,
+                                                     n); }))
+        return;
+    }
+#endif
     input_grad_tile(xp + offset, dp + offset, kdz, koff, kx, m, n);
   });
   return {grad_x, grad_weight, grad_bias};
