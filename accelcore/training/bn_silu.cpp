@@ -15,7 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
+#include <type_traits>  // std::integral_constant
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -128,7 +128,8 @@ std::vector<double> channel_sums(const Tiling& tiling, F body) {
 // below serve float32 and any CPU; bfloat16 on a CPU with AVX512-BF16 has its own (further down).
 template <typename T>
 inline void stats_tile(const T* __restrict__ in, const float* __restrict__ o,
-                       float* __restrict__ s, float* __restrict__ sq, int64_t n) {
+                       float* __restrict__ s, float* __restrict__ sq, int64_t n,
+                       int64_t /*channels*/) {
   for (int64_t j = 0; j < n; ++j) {
     const float v = to_float(in[j]) - o[j];
     s[j] += v;
@@ -138,7 +139,8 @@ inline void stats_tile(const T* __restrict__ in, const float* __restrict__ o,
 
 template <typename T>
 inline void silu_tile(const T* __restrict__ in, const float* __restrict__ k,
-                      const float* __restrict__ d, T* __restrict__ out, int64_t n) {
+                      const float* __restrict__ d, T* __restrict__ out, int64_t n,
+                      int64_t /*channels*/) {
   for (int64_t j = 0; j < n; ++j) {
     const float z = to_float(in[j]) * k[j] + d[j];
     store(out + j, z * sigmoid(z));
@@ -150,7 +152,8 @@ template <typename T>
 inline void silu_grad_tile(const T* __restrict__ in, const T* __restrict__ g,
                            const float* __restrict__ k, const float* __restrict__ d,
                            const float* __restrict__ m, T* __restrict__ out,
-                           float* __restrict__ sdz, float* __restrict__ sdzx, int64_t n) {
+                           float* __restrict__ sdz, float* __restrict__ sdzx, int64_t n,
+                           int64_t /*channels*/) {
   for (int64_t j = 0; j < n; ++j) {
     const float v = to_float(in[j]);
     const float z = v * k[j] + d[j];
@@ -166,7 +169,8 @@ inline void silu_grad_tile(const T* __restrict__ in, const T* __restrict__ g,
 template <typename T>
 inline void input_grad_tile(const T* __restrict__ in, T* __restrict__ io,
                             const float* __restrict__ kdz, const float* __restrict__ koff,
-                            const float* __restrict__ kx, const float* __restrict__ m, int64_t n) {
+                            const float* __restrict__ kx, const float* __restrict__ m, int64_t n,
+                            int64_t /*channels*/) {
   for (int64_t j = 0; j < n; ++j) {
     const float v = to_float(in[j]);
     store(io + j, kdz[j] * to_float(io[j]) - koff[j] - kx[j] * (v - m[j]));
@@ -212,32 +216,52 @@ inline __m512 sigmoid(__m512 z) {
 
 }  // namespace bf16x16
 
-inline void stats_tile(const uint16_t* __restrict__ in, const float* __restrict__ o,
-                       float* __restrict__ s, float* __restrict__ sq, int64_t n) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 v = _mm512_sub_ps(bf16x16::load(in + j), _mm512_loadu_ps(o + j));
-    _mm512_storeu_ps(s + j, _mm512_add_ps(_mm512_loadu_ps(s + j), v));
-    _mm512_storeu_ps(sq + j, _mm512_fmadd_ps(v, v, _mm512_loadu_ps(sq + j)));
-  }
-  stats_tile<uint16_t>(in + j, o + j, s + j, sq + j, n - j);
+// The per-vector arithmetic, shared by the tile loops and the register-blocked ones below.
+namespace bf16x16 {
+
+inline __m512 silu(__m512 v, __m512 k, __m512 d) {
+  const __m512 z = _mm512_fmadd_ps(v, k, d);
+  return _mm512_mul_ps(z, sigmoid(z));
 }
 
-// Register-blocked versions for channel counts of 16 * B (B <= 8; yolox_nano has 16-128): a
+// dz = dy * silu'(z), z = v * k + d.
+inline __m512 silu_grad(__m512 v, __m512 g, __m512 k, __m512 d) {
+  const __m512 z = _mm512_fmadd_ps(v, k, d);
+  const __m512 s = sigmoid(z);
+  return _mm512_mul_ps(_mm512_mul_ps(g, s),
+                       _mm512_fmadd_ps(z, _mm512_sub_ps(f(1.f), s), f(1.f)));
+}
+
+// dx = kdz * dz - koff - kx * (v - m).
+inline __m512 input_grad(__m512 v, __m512 dz, __m512 kdz, __m512 koff, __m512 kx, __m512 m) {
+  return _mm512_fnmadd_ps(kx, _mm512_sub_ps(v, m), _mm512_fmsub_ps(kdz, dz, koff));
+}
+
+}  // namespace bf16x16
+
+// Register-blocked loops for channel counts of 16 * B (B <= 8; yolox_nano has 16-128): a
 // tile is whole rows, so per-channel constants and sums stay in registers for the whole tile
-// instead of being loaded (and, for sums, stored) with every vector. The tile loops above were
-// bound by those loads and stores: bf16 forward 1.3-1.5x and backward 1.5-2.4x faster this way
-// on a 2-core Zen 4 (alternated A/B, batch 64, 16-64 channels). float32 stays on the generic
-// loops: `auto` trains in bf16 wherever these instructions exist.
+// instead of being loaded (and, for sums, stored) with every vector. The tile loops further
+// down were bound by those loads and stores: bf16 forward 1.3-1.5x and backward 1.5-2.4x faster
+// this way on a 2-core Zen 4 (alternated A/B, batch 64, 16-64 channels). float32 stays on the
+// generic loops: `auto` trains in bf16 wherever these instructions exist.
+template <int B>
+inline void load_rows(const float* p, __m512 out[B]) {
+  for (int b = 0; b < B; ++b) out[b] = _mm512_loadu_ps(p + 16 * b);
+}
+
+template <int B>
+inline void add_rows(float* p, const __m512 v[B]) {
+  for (int b = 0; b < B; ++b)
+    _mm512_storeu_ps(p + 16 * b, _mm512_add_ps(_mm512_loadu_ps(p + 16 * b), v[b]));
+}
+
 template <int B>
 inline void stats_rows(const uint16_t* __restrict__ in, const float* __restrict__ o,
                        float* __restrict__ s, float* __restrict__ sq, int64_t n) {
   __m512 acc[B], acc2[B], shift[B];
-  for (int b = 0; b < B; ++b) {
-    acc[b] = _mm512_setzero_ps();
-    acc2[b] = _mm512_setzero_ps();
-    shift[b] = _mm512_loadu_ps(o + 16 * b);
-  }
+  load_rows<B>(o, shift);
+  for (int b = 0; b < B; ++b) acc[b] = acc2[b] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16 * B) {
     for (int b = 0; b < B; ++b) {
       const __m512 v = _mm512_sub_ps(bf16x16::load(in + j + 16 * b), shift[b]);
@@ -245,14 +269,67 @@ inline void stats_rows(const uint16_t* __restrict__ in, const float* __restrict_
       acc2[b] = _mm512_fmadd_ps(v, v, acc2[b]);
     }
   }
-  for (int b = 0; b < B; ++b) {
-    _mm512_storeu_ps(s + 16 * b, _mm512_add_ps(_mm512_loadu_ps(s + 16 * b), acc[b]));
-    _mm512_storeu_ps(sq + 16 * b, _mm512_add_ps(_mm512_loadu_ps(sq + 16 * b), acc2[b]));
+  add_rows<B>(s, acc);
+  add_rows<B>(sq, acc2);
+}
+
+template <int B>
+inline void silu_rows(const uint16_t* __restrict__ in, const float* __restrict__ k,
+                      const float* __restrict__ d, uint16_t* __restrict__ out, int64_t n) {
+  __m512 kk[B], dd[B];
+  load_rows<B>(k, kk);
+  load_rows<B>(d, dd);
+  for (int64_t j = 0; j < n; j += 16 * B)
+    for (int b = 0; b < B; ++b) {
+      const int64_t at = j + 16 * b;
+      bf16x16::store(out + at, bf16x16::silu(bf16x16::load(in + at), kk[b], dd[b]));
+    }
+}
+
+template <int B>
+inline void silu_grad_rows(const uint16_t* __restrict__ in, const uint16_t* __restrict__ g,
+                           const float* __restrict__ k, const float* __restrict__ d,
+                           const float* __restrict__ m, uint16_t* __restrict__ out,
+                           float* __restrict__ sdz, float* __restrict__ sdzx, int64_t n) {
+  __m512 kk[B], dd[B], mm[B], a1[B], a2[B];
+  load_rows<B>(k, kk);
+  load_rows<B>(d, dd);
+  load_rows<B>(m, mm);
+  for (int b = 0; b < B; ++b) a1[b] = a2[b] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16 * B) {
+    for (int b = 0; b < B; ++b) {
+      const int64_t at = j + 16 * b;
+      const __m512 v = bf16x16::load(in + at);
+      const __m512 dz = bf16x16::silu_grad(v, bf16x16::load(g + at), kk[b], dd[b]);
+      bf16x16::store(out + at, dz);
+      a1[b] = _mm512_add_ps(a1[b], dz);
+      a2[b] = _mm512_fmadd_ps(dz, _mm512_sub_ps(v, mm[b]), a2[b]);
+    }
   }
+  add_rows<B>(sdz, a1);
+  add_rows<B>(sdzx, a2);
+}
+
+template <int B>
+inline void input_grad_rows(const uint16_t* __restrict__ in, uint16_t* __restrict__ io,
+                            const float* __restrict__ kdz, const float* __restrict__ koff,
+                            const float* __restrict__ kx, const float* __restrict__ m,
+                            int64_t n) {
+  __m512 a[B], c[B], e[B], mm[B];
+  load_rows<B>(kdz, a);
+  load_rows<B>(koff, c);
+  load_rows<B>(kx, e);
+  load_rows<B>(m, mm);
+  for (int64_t j = 0; j < n; j += 16 * B)
+    for (int b = 0; b < B; ++b) {
+      const int64_t at = j + 16 * b;
+      bf16x16::store(io + at, bf16x16::input_grad(bf16x16::load(in + at), bf16x16::load(io + at),
+                                                   a[b], c[b], e[b], mm[b]));
+    }
 }
 
 // Calls body(std::integral_constant<int, B>) for channels == 16 * B (B in 1..4, 6, 8): the
-// register-blocked loops below. False (nothing called) for other channel counts.
+// register-blocked loops above. False (nothing called) for other channel counts.
 template <typename F>
 inline bool by_blocks(int64_t channels, F body) {
   switch (channels) {
@@ -266,120 +343,71 @@ inline bool by_blocks(int64_t channels, F body) {
   }
 }
 
-template <int B>
-inline void silu_rows(const uint16_t* __restrict__ in, const float* __restrict__ k,
-                      const float* __restrict__ d, uint16_t* __restrict__ out, int64_t n) {
-  __m512 kk[B], dd[B];
-  for (int b = 0; b < B; ++b) {
-    kk[b] = _mm512_loadu_ps(k + 16 * b);
-    dd[b] = _mm512_loadu_ps(d + 16 * b);
+// The bfloat16 tile loops: the register-blocked ones where the channel count allows, else
+// one vector at a time with per-position constants, and the generic loop for the tail.
+inline void stats_tile(const uint16_t* __restrict__ in, const float* __restrict__ o,
+                       float* __restrict__ s, float* __restrict__ sq, int64_t n,
+                       int64_t channels) {
+  if (by_blocks(channels, [&](auto blocks) {
+        stats_rows<decltype(blocks)::value>(in, o, s, sq, n); }))
+    return;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 v = _mm512_sub_ps(bf16x16::load(in + j), _mm512_loadu_ps(o + j));
+    _mm512_storeu_ps(s + j, _mm512_add_ps(_mm512_loadu_ps(s + j), v));
+    _mm512_storeu_ps(sq + j, _mm512_fmadd_ps(v, v, _mm512_loadu_ps(sq + j)));
   }
-  for (int64_t j = 0; j < n; j += 16 * B) {
-    for (int b = 0; b < B; ++b) {
-      const __m512 z = _mm512_fmadd_ps(bf16x16::load(in + j + 16 * b), kk[b], dd[b]);
-      bf16x16::store(out + j + 16 * b, _mm512_mul_ps(z, bf16x16::sigmoid(z)));
-    }
-  }
-}
-
-template <int B>
-inline void silu_grad_rows(const uint16_t* __restrict__ in, const uint16_t* __restrict__ g,
-                           const float* __restrict__ k, const float* __restrict__ d,
-                           const float* __restrict__ m, uint16_t* __restrict__ out,
-                           float* __restrict__ sdz, float* __restrict__ sdzx, int64_t n) {
-  using bf16x16::f;
-  __m512 kk[B], dd[B], mm[B], a1[B], a2[B];
-  for (int b = 0; b < B; ++b) {
-    kk[b] = _mm512_loadu_ps(k + 16 * b);
-    dd[b] = _mm512_loadu_ps(d + 16 * b);
-    mm[b] = _mm512_loadu_ps(m + 16 * b);
-    a1[b] = _mm512_setzero_ps();
-    a2[b] = _mm512_setzero_ps();
-  }
-  for (int64_t j = 0; j < n; j += 16 * B) {
-    for (int b = 0; b < B; ++b) {
-      const int64_t at = j + 16 * b;
-      const __m512 v = bf16x16::load(in + at);
-      const __m512 z = _mm512_fmadd_ps(v, kk[b], dd[b]);
-      const __m512 s = bf16x16::sigmoid(z);
-      const __m512 dz = _mm512_mul_ps(_mm512_mul_ps(bf16x16::load(g + at), s),
-                                      _mm512_fmadd_ps(z, _mm512_sub_ps(f(1.f), s), f(1.f)));
-      bf16x16::store(out + at, dz);
-      a1[b] = _mm512_add_ps(a1[b], dz);
-      a2[b] = _mm512_fmadd_ps(dz, _mm512_sub_ps(v, mm[b]), a2[b]);
-    }
-  }
-  for (int b = 0; b < B; ++b) {
-    _mm512_storeu_ps(sdz + 16 * b, _mm512_add_ps(_mm512_loadu_ps(sdz + 16 * b), a1[b]));
-    _mm512_storeu_ps(sdzx + 16 * b, _mm512_add_ps(_mm512_loadu_ps(sdzx + 16 * b), a2[b]));
-  }
-}
-
-template <int B>
-inline void input_grad_rows(const uint16_t* __restrict__ in, uint16_t* __restrict__ io,
-                            const float* __restrict__ kdz, const float* __restrict__ koff,
-                            const float* __restrict__ kx, const float* __restrict__ m,
-                            int64_t n) {
-  __m512 a[B], c[B], e[B], mm[B];
-  for (int b = 0; b < B; ++b) {
-    a[b] = _mm512_loadu_ps(kdz + 16 * b);
-    c[b] = _mm512_loadu_ps(koff + 16 * b);
-    e[b] = _mm512_loadu_ps(kx + 16 * b);
-    mm[b] = _mm512_loadu_ps(m + 16 * b);
-  }
-  for (int64_t j = 0; j < n; j += 16 * B) {
-    for (int b = 0; b < B; ++b) {
-      const int64_t at = j + 16 * b;
-      const __m512 centred = _mm512_sub_ps(bf16x16::load(in + at), mm[b]);
-      const __m512 scaled = _mm512_fmsub_ps(a[b], bf16x16::load(io + at), c[b]);
-      bf16x16::store(io + at, _mm512_fnmadd_ps(e[b], centred, scaled));
-    }
-  }
+  stats_tile<uint16_t>(in + j, o + j, s + j, sq + j, n - j, channels);
 }
 
 inline void silu_tile(const uint16_t* __restrict__ in, const float* __restrict__ k,
-                      const float* __restrict__ d, uint16_t* __restrict__ out, int64_t n) {
+                      const float* __restrict__ d, uint16_t* __restrict__ out, int64_t n,
+                      int64_t channels) {
+  if (by_blocks(channels, [&](auto blocks) {
+        silu_rows<decltype(blocks)::value>(in, k, d, out, n); }))
+    return;
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 z = _mm512_fmadd_ps(bf16x16::load(in + j), _mm512_loadu_ps(k + j),
-                                     _mm512_loadu_ps(d + j));
-    bf16x16::store(out + j, _mm512_mul_ps(z, bf16x16::sigmoid(z)));
-  }
-  silu_tile<uint16_t>(in + j, k + j, d + j, out + j, n - j);
+  for (; j + 16 <= n; j += 16)
+    bf16x16::store(out + j, bf16x16::silu(bf16x16::load(in + j), _mm512_loadu_ps(k + j),
+                                          _mm512_loadu_ps(d + j)));
+  silu_tile<uint16_t>(in + j, k + j, d + j, out + j, n - j, channels);
 }
 
 inline void silu_grad_tile(const uint16_t* __restrict__ in, const uint16_t* __restrict__ g,
                            const float* __restrict__ k, const float* __restrict__ d,
                            const float* __restrict__ m, uint16_t* __restrict__ out,
-                           float* __restrict__ sdz, float* __restrict__ sdzx, int64_t n) {
-  using bf16x16::f;
+                           float* __restrict__ sdz, float* __restrict__ sdzx, int64_t n,
+                           int64_t channels) {
+  if (by_blocks(channels, [&](auto blocks) {
+        silu_grad_rows<decltype(blocks)::value>(in, g, k, d, m, out, sdz, sdzx, n); }))
+    return;
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
     const __m512 v = bf16x16::load(in + j);
-    const __m512 z = _mm512_fmadd_ps(v, _mm512_loadu_ps(k + j), _mm512_loadu_ps(d + j));
-    const __m512 s = bf16x16::sigmoid(z);
-    const __m512 dz = _mm512_mul_ps(_mm512_mul_ps(bf16x16::load(g + j), s),
-                                    _mm512_fmadd_ps(z, _mm512_sub_ps(f(1.f), s), f(1.f)));
+    const __m512 dz = bf16x16::silu_grad(v, bf16x16::load(g + j), _mm512_loadu_ps(k + j),
+                                         _mm512_loadu_ps(d + j));
     bf16x16::store(out + j, dz);
     _mm512_storeu_ps(sdz + j, _mm512_add_ps(_mm512_loadu_ps(sdz + j), dz));
     _mm512_storeu_ps(sdzx + j, _mm512_fmadd_ps(dz, _mm512_sub_ps(v, _mm512_loadu_ps(m + j)),
                                                _mm512_loadu_ps(sdzx + j)));
   }
-  silu_grad_tile<uint16_t>(in + j, g + j, k + j, d + j, m + j, out + j, sdz + j, sdzx + j, n - j);
+  silu_grad_tile<uint16_t>(in + j, g + j, k + j, d + j, m + j, out + j, sdz + j, sdzx + j, n - j,
+                           channels);
 }
 
 inline void input_grad_tile(const uint16_t* __restrict__ in, uint16_t* __restrict__ io,
                             const float* __restrict__ kdz, const float* __restrict__ koff,
                             const float* __restrict__ kx, const float* __restrict__ m,
-                            int64_t n) {
+                            int64_t n, int64_t channels) {
+  if (by_blocks(channels, [&](auto blocks) {
+        input_grad_rows<decltype(blocks)::value>(in, io, kdz, koff, kx, m, n); }))
+    return;
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 centred = _mm512_sub_ps(bf16x16::load(in + j), _mm512_loadu_ps(m + j));
-    const __m512 scaled = _mm512_fmsub_ps(_mm512_loadu_ps(kdz + j), bf16x16::load(io + j),
-                                          _mm512_loadu_ps(koff + j));
-    bf16x16::store(io + j, _mm512_fnmadd_ps(_mm512_loadu_ps(kx + j), centred, scaled));
-  }
-  input_grad_tile<uint16_t>(in + j, io + j, kdz + j, koff + j, kx + j, m + j, n - j);
+  for (; j + 16 <= n; j += 16)
+    bf16x16::store(io + j, bf16x16::input_grad(
+        bf16x16::load(in + j), bf16x16::load(io + j), _mm512_loadu_ps(kdz + j),
+        _mm512_loadu_ps(koff + j), _mm512_loadu_ps(kx + j), _mm512_loadu_ps(m + j)));
+  input_grad_tile<uint16_t>(in + j, io + j, kdz + j, koff + j, kx + j, m + j, n - j, channels);
 }
 #endif  // AVX512-BF16
 
@@ -397,16 +425,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   const auto shift_tile = tiling.repeat(first);
   const float* __restrict__ o = shift_tile.data();
   auto sums = channel_sums(tiling, [&](int64_t t, float* s, float* sq) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      const uint16_t* in = xp + t * tiling.tile;
-      const int64_t n = tiling.values(t);
-      if (by_blocks(channels, [&](auto blocks) {
-            stats_rows<decltype(blocks)::value>(in, o, s, sq, n); }))
-        return;
-    }
-#endif
-    stats_tile(xp + t * tiling.tile, o, s, sq, tiling.values(t));
+    stats_tile(xp + t * tiling.tile, o, s, sq, tiling.values(t), channels);
   });
   auto opts = weight.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({channels}, opts), invstd = at::empty({channels}, opts);
@@ -431,14 +450,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   at::Tensor y = at::empty_like(x);
   T* yp = static_cast<T*>(y.data_ptr());
   for_each_tile(tiling, [&](int64_t offset, int64_t n) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (by_blocks(channels, [&](auto blocks) {
-            silu_rows<decltype(blocks)::value>(xp + offset, k, d, yp + offset, n); }))
-        return;
-    }
-#endif
-    silu_tile(xp + offset, k, d, yp + offset, n);
+    silu_tile(xp + offset, k, d, yp + offset, n, channels);
   });
   return {y, mean, invstd, var};
 }
@@ -471,16 +483,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
   T* dp = static_cast<T*>(grad_x.data_ptr());
   auto sums = channel_sums(tiling, [&](int64_t t, float* sdz, float* sdzx) {
     const int64_t offset = t * tiling.tile;
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      const int64_t n = tiling.values(t);
-      if (by_blocks(channels, [&](auto blocks) {
-            silu_grad_rows<decltype(blocks)::value>(xp + offset, gp + offset, k, d, m,
-                                                    dp + offset, sdz, sdzx, n); }))
-        return;
-    }
-#endif
-    silu_grad_tile(xp + offset, gp + offset, k, d, m, dp + offset, sdz, sdzx, tiling.values(t));
+    silu_grad_tile(xp + offset, gp + offset, k, d, m, dp + offset, sdz, sdzx, tiling.values(t),
+                   channels);
   });
   auto opts = weight.options().dtype(at::kFloat);
   at::Tensor grad_weight = at::empty({channels}, opts), grad_bias = at::empty({channels}, opts);
@@ -502,15 +506,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
   const float* __restrict__ kx = kx_tile.data();
   // Pass 2, in place: dz -> dx.
   for_each_tile(tiling, [&](int64_t offset, int64_t n) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (by_blocks(channels, [&](auto blocks) {
-            input_grad_rows<decltype(blocks)::value>(xp + offset, dp + offset, kdz, koff, kx, m,
-                                                     n); }))
-        return;
-    }
-#endif
-    input_grad_tile(xp + offset, dp + offset, kdz, koff, kx, m, n);
+    input_grad_tile(xp + offset, dp + offset, kdz, koff, kx, m, n, channels);
   });
   return {grad_x, grad_weight, grad_bias};
 }
