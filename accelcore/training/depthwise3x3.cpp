@@ -42,7 +42,7 @@ constexpr int64_t kRowsPerGroup = 4;    // rows of grad_y sharing one pass over 
 constexpr int64_t kGroupsPerFlush = 16;  // float partial sums go to double this often
 
 struct Geometry {
-  int64_t batch, channels, height, width, out_height, out_width, stride;
+  int64_t batch, channels, height, width, out_height, out_width;
 };
 
 // Adds one grad_y row's contribution for channels [c, c + 16) to acc[3][3]. `pixel` is the
@@ -159,6 +159,9 @@ at::Tensor input_grad_s2_impl(const at::Tensor& grad_y, const at::Tensor& weight
   // Weights as [tap][channel] floats, so a tap's 16 channels load as one vector.
   at::Tensor w = weight.to(at::kFloat).reshape({channels, 9}).t().contiguous();
   const float* wp = w.data_ptr<float>();
+  std::vector<Taps> columns;  // the same for every row and channel block
+  columns.reserve(geo.width);
+  for (int64_t ix = 0; ix < geo.width; ++ix) columns.emplace_back(ix, geo.out_width);
   at::parallel_for(0, geo.batch * geo.height, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / geo.height, iy = r % geo.height;
@@ -178,7 +181,7 @@ at::Tensor input_grad_s2_impl(const at::Tensor& grad_y, const at::Tensor& weight
           for (int j = 0; j < 3; ++j)
             wt[k][j] = _mm512_loadu_ps(wp + (rows.tap[k] * 3 + j) * channels + c);
         for (int64_t ix = 0; ix < geo.width; ++ix) {
-          const Taps cols(ix, geo.out_width);
+          const Taps& cols = columns[ix];
           __m512 acc = _mm512_setzero_ps();
           for (int k = 0; k < rows.count; ++k)
             for (int j = 0; j < cols.count; ++j)
@@ -192,9 +195,9 @@ at::Tensor input_grad_s2_impl(const at::Tensor& grad_y, const at::Tensor& weight
   return grad_x;
 }
 
-Geometry geometry(const at::Tensor& grad_y, at::IntArrayRef input_size, int64_t stride) {
-  return {input_size[0], input_size[1], input_size[2], input_size[3],
-          grad_y.size(2), grad_y.size(3), stride};
+Geometry geometry(const at::Tensor& grad_y, at::IntArrayRef input_size) {
+  return {input_size[0], input_size[1], input_size[2], input_size[3], grad_y.size(2),
+          grad_y.size(3)};
 }
 
 void check(const at::Tensor& grad_y, at::IntArrayRef input_size, int64_t stride,
@@ -217,7 +220,7 @@ at::Tensor weight_grad(const at::Tensor& grad_y, const at::Tensor& x, int64_t st
                   grad_y.scalar_type() == x.scalar_type(),
               "depthwise weight_grad: channels_last x of grad_y's dtype");
   check(grad_y, x.sizes(), stride, "depthwise weight_grad");
-  const Geometry geo = geometry(grad_y, x.sizes(), stride);
+  const Geometry geo = geometry(grad_y, x.sizes());
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (stride == 1)
     return bf16 ? weight_grad_impl<1, uint16_t>(grad_y, x, geo)
@@ -232,7 +235,7 @@ at::Tensor input_grad_s2(const at::Tensor& grad_y, const at::Tensor& weight,
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == input_size[1] && weight.size(1) == 1 &&
                   weight.size(2) == 3 && weight.size(3) == 3,
               "depthwise input_grad_s2: weight must be [channels, 1, 3, 3]");
-  const Geometry geo = geometry(grad_y, input_size, 2);
+  const Geometry geo = geometry(grad_y, input_size);
   if (grad_y.scalar_type() == at::kBFloat16)
     return input_grad_s2_impl<uint16_t>(grad_y, weight, geo);
   return input_grad_s2_impl<float>(grad_y, weight, geo);
