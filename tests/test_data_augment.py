@@ -8,6 +8,7 @@ pixels and that the class pixels are covered by boxes.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -280,6 +281,28 @@ def test_hsv_changes_colour_not_geometry() -> None:
         changed += int(diff.max() > 0)
         assert diff.mean() < 60  # jitter, not a different image
     assert changed >= 5
+
+
+def test_hsv_equals_the_int16_reference_for_every_gain_pattern() -> None:
+    # YOLOX's own formulation (int16 HSV, shift, wrap/clip, back to BGR), with the same draws.
+    def reference(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        gains = rng.uniform(-1, 1, 3) * np.array([5, 30, 30])
+        gains = (gains * rng.integers(0, 2, 3)).astype(np.int16)
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV).astype(np.int16)
+        hsv[..., 0] = (hsv[..., 0] + gains[0]) % 180
+        hsv[..., 1] = np.clip(hsv[..., 1] + gains[1], 0, 255)
+        hsv[..., 2] = np.clip(hsv[..., 2] + gains[2], 0, 255)
+        return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR)
+
+    img = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    patterns = set()
+    for seed in range(40):
+        draws = np.random.default_rng(seed)
+        draws.uniform(-1, 1, 3)
+        patterns.add(tuple(draws.integers(0, 2, 3)))
+        out = augment_hsv(img, rng=np.random.default_rng(seed))
+        assert np.array_equal(out, reference(img, np.random.default_rng(seed))), seed
+    assert len(patterns) == 8  # every on/off combination of H, S, V, all-off included
 
 
 def test_multiscale_deterministic_and_in_range() -> None:
