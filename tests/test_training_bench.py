@@ -14,7 +14,9 @@ from accelcore.commands import bench
 from accelcore.config import load_recipe
 from accelcore.errors import RecipeError
 from accelcore.training.bench import (
+    CONFIG_ENV,
     CONFIGS,
+    _environment,
     _pool_rounds,
     _variant,
     bench_train,
@@ -57,7 +59,25 @@ def test_configs_pin_every_knob_whatever_the_recipe_says():
     cl_compile = _variant(recipe, CONFIGS["fp32_cl_compile"]).train
     assert (cl_compile.precision, cl_compile.channels_last, cl_compile.compile) == (
         "32", True, True)
-    assert len({frozenset(c.items()) for c in CONFIGS.values()}) == len(CONFIGS)
+    # No two configurations are the same run (overrides and environment together).
+    runs = {(frozenset(c.items()), frozenset(CONFIG_ENV.get(n, {}).items()))
+            for n, c in CONFIGS.items()}
+    assert len(runs) == len(CONFIGS)
+
+
+def test_torch_ops_config_switches_the_native_kernels_off_only_while_it_runs(monkeypatch):
+    from accelcore.training import bn_silu, native
+
+    monkeypatch.delenv(native.ALL_KERNELS_SWITCH_ENV, raising=False)
+    with _environment("fp32_cl_torch+ipex"):
+        assert not native.switched_on(bn_silu.SWITCH_ENV)
+    assert native.switched_on(bn_silu.SWITCH_ENV)
+    monkeypatch.setenv(native.ALL_KERNELS_SWITCH_ENV, "1")
+    with _environment("fp32_cl"):
+        assert native.switched_on(bn_silu.SWITCH_ENV)
+    with _environment("fp32_cl_torch"):
+        assert not native.switched_on(bn_silu.SWITCH_ENV)
+    assert native.switched_on(bn_silu.SWITCH_ENV)
 
 
 def test_rounds_pool_step_times_and_keep_failures():
@@ -104,7 +124,8 @@ def test_bench_train_runs_and_writes_json(tmp_path: Path):
 
 @pytest.mark.slow
 def test_stock_and_auto_rows_run_in_their_own_processes(tmp_path: Path):
-    """`stock` runs untuned in its own process, `auto` resolves per CPU, ratios are vs stock."""
+    """`stock` runs untuned in its own process, `auto` resolves per CPU, `fp32_cl_torch` runs
+    without the training kernels, ratios are vs stock."""
     from accelcore.machine import has_native
 
     recipe = load_recipe(data={
@@ -113,7 +134,8 @@ def test_stock_and_auto_rows_run_in_their_own_processes(tmp_path: Path):
                                                  "num_classes": 3,
                                                  "cache_dir": str(tmp_path / "syn")}},
         "train": {"batch_size": 2}})
-    rows = bench_train(recipe, ["stock", "fp32", "auto"], ["compute"], iters=1, warmup=0)
+    rows = bench_train(recipe, ["stock", "fp32", "auto", "fp32_cl_torch"], ["compute"], iters=1,
+                       warmup=0)
     by = {r["config"]: r for r in rows}
     assert all(r["status"] == "ok" and r["baseline"] == "stock" for r in rows), rows
     assert by["stock"]["runtime"].startswith("glibc (stock)")
@@ -122,3 +144,6 @@ def test_stock_and_auto_rows_run_in_their_own_processes(tmp_path: Path):
     assert by["auto"]["precision"] == ("bf16 + channels_last" if has_native("bf16")
                                        else "32 + channels_last")
     assert by["stock"]["precision"] == "32"
+    # the torch-ops reference ran with the kernels off in its process, every other row with them
+    assert [r["config"] for r in rows if not r["native_kernels"]] == ["fp32_cl_torch"]
+    assert by["fp32_cl_torch"]["precision"] == "32 + channels_last"

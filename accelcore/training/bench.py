@@ -9,9 +9,11 @@ precision plugin, layout, optimizer, EMA) with a fresh model from the same seed.
 A configuration is a name from :data:`CONFIGS`, optionally followed by plugin-declared training
 features (``train.features``): ``bf16_cl+NAME`` is ``bf16_cl`` with feature ``NAME`` on.
 ``stock`` is what a user has before accelcore: fp32 eager NCHW with no allocator tuning and
-torch's default threads. ``auto`` is ``train.precision: auto`` (bf16 + channels_last where the
-CPU has bf16 hardware, fp32 + channels_last elsewhere). Ratios are taken against ``stock`` when
-it ran, else against ``fp32``.
+torch's default threads. ``fp32_cl_torch`` is tuned fp32 + channels_last with torch's own ops
+(this package's training kernels switched off): the lean step's reference. ``auto`` is
+``train.precision: auto`` (bf16 + channels_last where the CPU has bf16 hardware, fp32 +
+channels_last elsewhere). Ratios are taken against ``stock`` when it ran, else against
+``fp32``.
 
 Each configuration runs in its own process by default (``isolate``): the allocator's heap,
 autocast caches and compiled code of one configuration never colour the next, and ``stock``
@@ -26,7 +28,9 @@ their ratios are not an artefact of when each ran.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import statistics
 import tempfile
 import time
@@ -39,6 +43,7 @@ import torch
 from accelcore.errors import AccelcoreError, RecipeError, one_line
 from accelcore.interfaces import TrainJob
 from accelcore.runtime import RuntimeSetup, describe_runtime, runtime_label
+from accelcore.training import native
 from accelcore.training.loop import Trainer
 
 #: Every knob a configuration can turn, at its plain value: each configuration sets all of them
@@ -65,8 +70,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "fp32_cl_compile": _config(channels_last=True, compile=True),
     "stock": _config(malloc_tuning=False, allocator="default", threads=None),
     "auto": _config(precision="auto"),
+    "fp32_cl_torch": _config(channels_last=True),
 }
-DEFAULT_CONFIGS = ("stock", "fp32", "fp32_cl", "bf16_cl", "auto")
+#: name -> environment the configuration runs under (set in its process, or around it when the
+#: configurations share one): ``fp32_cl_torch`` is fp32 + channels_last, allocator and threads
+#: tuned, with torch's own ops — this package's training kernels off — the reference of the
+#: lean step.
+CONFIG_ENV: dict[str, dict[str, str]] = {
+    "fp32_cl_torch": {native.ALL_KERNELS_SWITCH_ENV: "0"},
+}
+DEFAULT_CONFIGS = ("stock", "fp32", "fp32_cl_torch", "fp32_cl", "bf16_cl", "auto")
 FEATURE_SEPARATOR = "+"
 MODES = ("compute", "e2e")
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "ema")
@@ -79,6 +92,22 @@ def config_overrides(name: str) -> dict[str, Any]:
         raise RecipeError(f"--configs: unknown config '{name}'; known: {', '.join(CONFIGS)}, "
                           f"each optionally with training features: CONFIG+FEATURE")
     return {**CONFIGS[base], "features": features}
+
+
+@contextlib.contextmanager
+def _environment(name: str) -> Iterator[None]:
+    """Configuration ``name``'s :data:`CONFIG_ENV` set for the duration, then restored."""
+    env = CONFIG_ENV.get(name.split(FEATURE_SEPARATOR)[0], {})
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _variant(recipe: Any, overrides: dict[str, Any]) -> Any:
@@ -147,27 +176,30 @@ def _bench_configs(recipe: Any, configs: list[str] | tuple[str, ...],
         fixed = next(_batches(loader))
         batch = int(fixed[0].shape[0])
         for name in configs:
-            try:
-                t = _trainer(recipe, config_overrides(name), loader, base.pm, work)
-            except AccelcoreError as exc:
+            with _environment(name):
+                try:
+                    t = _trainer(recipe, config_overrides(name), loader, base.pm, work)
+                except AccelcoreError as exc:
+                    for mode in modes:
+                        rows.append({"config": name, "mode": mode, "img_per_s": None,
+                                     "speedup": None, "step_ms": None, "status": "unavailable",
+                                     "reason": str(exc)})
+                    log(f"  {name}: unavailable: {exc}")
+                    continue
+                chosen = f"{t.cfg.precision}{' + channels_last' if t.cfg.channels_last else ''}"
                 for mode in modes:
-                    rows.append({"config": name, "mode": mode, "img_per_s": None,
-                                 "speedup": None, "step_ms": None, "status": "unavailable",
-                                 "reason": str(exc)})
-                log(f"  {name}: unavailable: {exc}")
-                continue
-            chosen = f"{t.cfg.precision}{' + channels_last' if t.cfg.channels_last else ''}"
-            for mode in modes:
-                times = _time_steps(t, mode, iters, warmup, fixed, loader)
-                med = statistics.median(times)
-                rows.append({"config": name, "mode": mode, "img_per_s": batch / med,
-                             "speedup": None, "step_ms": 1000 * med, "status": "ok",
-                             "reason": "", "precision": chosen,
-                             "runtime": runtime_label(describe_runtime()),
-                             "batch": batch, "step_s": times})
-                log(f"  {name:<16} {mode:<8} {batch / med:8.2f} img/s  "
-                    f"(median step {1000 * med:.0f} ms over {iters}; {chosen})")
-            del t
+                    times = _time_steps(t, mode, iters, warmup, fixed, loader)
+                    med = statistics.median(times)
+                    rows.append({"config": name, "mode": mode, "img_per_s": batch / med,
+                                 "speedup": None, "step_ms": 1000 * med, "status": "ok",
+                                 "reason": "", "precision": chosen,
+                                 "native_kernels": native.switched_on(
+                                     native.ALL_KERNELS_SWITCH_ENV),
+                                 "runtime": runtime_label(describe_runtime()),
+                                 "batch": batch, "step_s": times})
+                    log(f"  {name:<16} {mode:<8} {batch / med:8.2f} img/s  "
+                        f"(median step {1000 * med:.0f} ms over {iters}; {chosen})")
+                del t
     return rows
 
 
@@ -198,7 +230,7 @@ def _run_isolated(recipe: Any, name: str, modes: list[str], iters: int, warmup: 
     result = work / f"{name}.json"
     proc = multiprocessing.get_context("spawn").Process(
         target=_child, args=(variant, name, list(modes), iters, warmup, str(result)))
-    with setup.exported():
+    with setup.exported(), _environment(name):
         proc.start()
     proc.join()
     if result.is_file():

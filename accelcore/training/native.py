@@ -22,6 +22,10 @@ from accelcore.machine import real_cpu_flags
 
 log = logging.getLogger(__name__)
 
+#: ``0`` switches every kernel of this package off (torch's own ops train instead); each kernel
+#: also has its own switch.
+ALL_KERNELS_SWITCH_ENV = "ACCELCORE_NATIVE_KERNELS"
+
 
 @functools.cache
 def build(name: str) -> Any | None:
@@ -42,5 +46,6 @@ def build(name: str) -> Any | None:
 
 
 def switched_on(env: str) -> bool:
-    """Whether the kernel switch ``env`` is on (it is unless set to ``0``)."""
-    return os.environ.get(env, "1") != "0"
+    """Whether the kernel switch ``env`` is on: unless it or :data:`ALL_KERNELS_SWITCH_ENV` is
+    set to ``0``."""
+    return os.environ.get(env, "1") != "0" and os.environ.get(ALL_KERNELS_SWITCH_ENV, "1") != "0"
