@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,26 +275,31 @@ class RuntimeSetup:
             tune_allocator()
         configure_threads(self.threads)
 
-    @contextlib.contextmanager
-    def exported(self) -> Iterator[None]:
+    def exported(self) -> contextlib.AbstractContextManager[None]:
         """Export :meth:`env` for the block, for start methods that inherit the environment
         (multiprocessing spawn, Ray's local workers). A stock setup also removes the tuning
         variables this process may carry, so its children really run untuned."""
-        env = self.env()
         drop = [] if self.malloc_tuning else [*GLIBC_TUNING_ENV, "LD_PRELOAD", "MALLOC_CONF"]
-        saved = {k: os.environ.get(k) for k in [*env, *drop]}
-        for key in drop:
-            if key not in env:
+        return environment(self.env(), drop)
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str], drop: Iterable[str] = ()) -> Iterator[None]:
+    """``os.environ`` with ``values`` set and the ``drop`` variables removed for the block,
+    then restored as it was."""
+    drop = [key for key in drop if key not in values]
+    saved = {key: os.environ.get(key) for key in [*values, *drop]}
+    for key in drop:
+        os.environ.pop(key, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
                 os.environ.pop(key, None)
-        os.environ.update(env)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            else:
+                os.environ[key] = value
 
 
 def inherited_setup() -> RuntimeSetup | None:

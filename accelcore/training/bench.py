@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import statistics
 import tempfile
 import time
@@ -42,7 +41,7 @@ import torch
 
 from accelcore.errors import AccelcoreError, RecipeError, one_line
 from accelcore.interfaces import TrainJob
-from accelcore.runtime import RuntimeSetup, describe_runtime, runtime_label
+from accelcore.runtime import RuntimeSetup, describe_runtime, environment, runtime_label
 from accelcore.training import native
 from accelcore.training.loop import Trainer
 
@@ -94,20 +93,9 @@ def config_overrides(name: str) -> dict[str, Any]:
     return {**CONFIGS[base], "features": features}
 
 
-@contextlib.contextmanager
-def _environment(name: str) -> Iterator[None]:
-    """Configuration ``name``'s :data:`CONFIG_ENV` set for the duration, then restored."""
-    env = CONFIG_ENV.get(name.split(FEATURE_SEPARATOR)[0], {})
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def _environment(name: str) -> contextlib.AbstractContextManager[None]:
+    """Configuration ``name``'s :data:`CONFIG_ENV` set for the block, then restored."""
+    return environment(CONFIG_ENV.get(name.split(FEATURE_SEPARATOR)[0], {}))
 
 
 def _variant(recipe: Any, overrides: dict[str, Any]) -> Any:
