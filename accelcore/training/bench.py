@@ -162,32 +162,36 @@ def _bench_configs(recipe: Any, configs: list[str] | tuple[str, ...],
         base.setup_data()
         loader = base.loader
         fixed = next(_batches(loader))
-        batch = int(fixed[0].shape[0])
         for name in configs:
             with _environment(name):
-                try:
-                    t = _trainer(recipe, config_overrides(name), loader, base.pm, work)
-                except AccelcoreError as exc:
-                    for mode in modes:
-                        rows.append({"config": name, "mode": mode, "img_per_s": None,
-                                     "speedup": None, "step_ms": None, "status": "unavailable",
-                                     "reason": str(exc)})
-                    log(f"  {name}: unavailable: {exc}")
-                    continue
-                chosen = f"{t.cfg.precision}{' + channels_last' if t.cfg.channels_last else ''}"
-                for mode in modes:
-                    times = _time_steps(t, mode, iters, warmup, fixed, loader)
-                    med = statistics.median(times)
-                    rows.append({"config": name, "mode": mode, "img_per_s": batch / med,
-                                 "speedup": None, "step_ms": 1000 * med, "status": "ok",
-                                 "reason": "", "precision": chosen,
-                                 "native_kernels": native.switched_on(
-                                     native.ALL_KERNELS_SWITCH_ENV),
-                                 "runtime": runtime_label(describe_runtime()),
-                                 "batch": batch, "step_s": times})
-                    log(f"  {name:<16} {mode:<8} {batch / med:8.2f} img/s  "
-                        f"(median step {1000 * med:.0f} ms over {iters}; {chosen})")
-                del t
+                rows += _config_rows(recipe, name, modes, iters, warmup, fixed, loader, base.pm,
+                                     work, log)
+    return rows
+
+
+def _config_rows(recipe: Any, name: str, modes: list[str] | tuple[str, ...], iters: int,
+                 warmup: int, fixed: tuple[torch.Tensor, torch.Tensor], loader: Any, pm: Any,
+                 work: Path, log: Any) -> list[dict[str, Any]]:
+    """Configuration ``name``'s rows, one per mode (``unavailable`` ones if it cannot be built)."""
+    try:
+        t = _trainer(recipe, config_overrides(name), loader, pm, work)
+    except AccelcoreError as exc:
+        log(f"  {name}: unavailable: {exc}")
+        return [{"config": name, "mode": mode, "img_per_s": None, "speedup": None,
+                 "step_ms": None, "status": "unavailable", "reason": str(exc)} for mode in modes]
+    chosen = f"{t.cfg.precision}{' + channels_last' if t.cfg.channels_last else ''}"
+    batch = int(fixed[0].shape[0])
+    rows = []
+    for mode in modes:
+        times = _time_steps(t, mode, iters, warmup, fixed, loader)
+        med = statistics.median(times)
+        rows.append({"config": name, "mode": mode, "img_per_s": batch / med, "speedup": None,
+                     "step_ms": 1000 * med, "status": "ok", "reason": "", "precision": chosen,
+                     "native_kernels": native.all_switched_on(),
+                     "runtime": runtime_label(describe_runtime()), "batch": batch,
+                     "step_s": times})
+        log(f"  {name:<16} {mode:<8} {batch / med:8.2f} img/s  "
+            f"(median step {1000 * med:.0f} ms over {iters}; {chosen})")
     return rows
 
 

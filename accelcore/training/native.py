@@ -45,7 +45,12 @@ def build(name: str) -> Any | None:
         return None
 
 
+def all_switched_on() -> bool:
+    """Whether the kernels may run at all (unless :data:`ALL_KERNELS_SWITCH_ENV` is ``0``)."""
+    return os.environ.get(ALL_KERNELS_SWITCH_ENV, "1") != "0"
+
+
 def switched_on(env: str) -> bool:
-    """Whether the kernel switch ``env`` is on: unless it or :data:`ALL_KERNELS_SWITCH_ENV` is
-    set to ``0``."""
-    return os.environ.get(env, "1") != "0" and os.environ.get(ALL_KERNELS_SWITCH_ENV, "1") != "0"
+    """Whether the kernel switch ``env`` is on: unless it is set to ``0`` or every kernel is
+    switched off (:func:`all_switched_on`)."""
+    return os.environ.get(env, "1") != "0" and all_switched_on()
