@@ -65,14 +65,14 @@ def test_configs_pin_every_knob_whatever_the_recipe_says():
     assert len(runs) == len(CONFIGS)
 
 
-def test_torch_ops_config_switches_the_native_kernels_off_only_while_it_runs(monkeypatch):
-    from accelcore.training import bn_silu, native
+def test_torch_ops_config_switches_the_lean_step_off_only_while_it_runs(monkeypatch):
+    from accelcore.training import bn_silu, lean_step, native
 
-    monkeypatch.delenv(native.ALL_KERNELS_SWITCH_ENV, raising=False)
+    monkeypatch.delenv(lean_step.SWITCH_ENV, raising=False)
     with _environment("fp32_cl_torch+ipex"):
-        assert not native.switched_on(bn_silu.SWITCH_ENV)
-    assert native.switched_on(bn_silu.SWITCH_ENV)
-    monkeypatch.setenv(native.ALL_KERNELS_SWITCH_ENV, "1")
+        assert not lean_step.enabled() and not native.switched_on(bn_silu.SWITCH_ENV)
+    assert lean_step.enabled() and native.switched_on(bn_silu.SWITCH_ENV)
+    monkeypatch.setenv(lean_step.SWITCH_ENV, "1")
     with _environment("fp32_cl"):
         assert native.switched_on(bn_silu.SWITCH_ENV)
     with _environment("fp32_cl_torch"):
@@ -144,6 +144,6 @@ def test_stock_and_auto_rows_run_in_their_own_processes(tmp_path: Path):
     assert by["auto"]["precision"] == ("bf16 + channels_last" if has_native("bf16")
                                        else "32 + channels_last")
     assert by["stock"]["precision"] == "32"
-    # the torch-ops reference ran with the kernels off in its process, every other row with them
-    assert [r["config"] for r in rows if not r["native_kernels"]] == ["fp32_cl_torch"]
+    # the torch-ops reference ran with the lean step off in its process, every other row with it
+    assert [r["config"] for r in rows if not r["lean_step"]] == ["fp32_cl_torch"]
     assert by["fp32_cl_torch"]["precision"] == "32 + channels_last"

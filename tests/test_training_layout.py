@@ -3,6 +3,8 @@ contiguous gradient pieces, and SPP's chained max pools."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from accelcore_yolox.models.blocks import SPPBottleneck, chainable, chained_max_pools
@@ -75,3 +77,49 @@ def test_only_growing_odd_same_pools_are_chained():
     assert not chainable(pools((5, 2, 2)))  # strided
     assert not chainable(pools((5, 1, 0)))  # not 'same'
     assert not chainable(nn.ModuleList([nn.AvgPool2d(5, 1, 2)]))
+
+
+def _graph_nodes(out: torch.Tensor) -> set[str]:
+    """Names of every autograd node behind ``out``."""
+    seen, names, todo = set(), set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return names
+
+
+def test_lean_step_switched_off_trains_the_plain_graph_to_the_same_values(monkeypatch):
+    from accelcore import registry
+    from accelcore.training import lean_step
+
+    torch.manual_seed(0)
+    model = registry.create_model("yolox_nano", num_classes=3).to(memory_format=CL).train()
+    x = torch.rand(2, 3, 96, 128).contiguous(memory_format=CL)
+    weights = None
+    results = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv(lean_step.SWITCH_ENV, on)
+        twin = copy.deepcopy(model)
+        out = twin.head(twin.backbone(x))  # the raw training outputs, before the loss
+        weights = torch.randn_like(out) if weights is None else weights
+        nodes = _graph_nodes(out)
+        (out * weights).sum().backward()
+        results[on] = (out.detach(), [p.grad for p in twin.parameters()], nodes)
+    (lean_out, lean_grads, lean_nodes), (plain_out, plain_grads, plain_nodes) = (
+        results["1"], results["0"])
+    # On: the lean graph (channel concats, and the fused BN+SiLU where it can be built here).
+    assert any("ChannelCat" in n for n in lean_nodes)
+    # Off: nothing but torch's own autograd nodes, no concat or kernel of ours.
+    assert not any(n.startswith("_") for n in plain_nodes), sorted(plain_nodes)
+    assert not any("Fused" in n or "ChannelCat" in n or "KernelGrad" in n for n in plain_nodes)
+    # Float rounding differs (fused statistics, one box + objectness conv), the function does
+    # not: both are within ~4e-4 of a float64 run per parameter (relative norm of the error).
+    def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+        return bool((got - want).norm() <= 2e-3 * want.norm())
+
+    assert close(lean_out, plain_out)
+    assert all(close(got, want) for got, want in zip(lean_grads, plain_grads, strict=True))

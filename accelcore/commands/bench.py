@@ -91,7 +91,7 @@ def handle_train(args: argparse.Namespace) -> int:
             print(f"  {phase:<10} {1000 * prof[phase]:8.1f} ms  {100 * prof[phase] / step:5.1f}%")
     if args.json_path:
         keys = ("config", "mode", "img_per_s", "speedup", "step_ms", "status", "reason",
-                "precision", "native_kernels", "runtime", "baseline", "round_img_per_s")
+                "precision", "lean_step", "runtime", "baseline", "round_img_per_s")
         out = [{k: r.get(k) for k in keys} for r in rows]
         Path(args.json_path).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json_path}")

@@ -42,7 +42,7 @@ import torch
 from accelcore.errors import AccelcoreError, RecipeError, one_line
 from accelcore.interfaces import TrainJob
 from accelcore.runtime import RuntimeSetup, describe_runtime, environment, runtime_label
-from accelcore.training import native
+from accelcore.training import lean_step
 from accelcore.training.loop import Trainer
 
 #: Every knob a configuration can turn, at its plain value: each configuration sets all of them
@@ -73,10 +73,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 #: name -> environment the configuration runs under (set in its process, or around it when the
 #: configurations share one): ``fp32_cl_torch`` is fp32 + channels_last, allocator and threads
-#: tuned, with torch's own ops — this package's training kernels off — the reference of the
-#: lean step.
+#: tuned, with torch's own ops — the lean step switched off — the lean step's reference.
 CONFIG_ENV: dict[str, dict[str, str]] = {
-    "fp32_cl_torch": {native.ALL_KERNELS_SWITCH_ENV: "0"},
+    "fp32_cl_torch": {lean_step.SWITCH_ENV: "0"},
 }
 DEFAULT_CONFIGS = ("stock", "fp32", "fp32_cl_torch", "fp32_cl", "bf16_cl", "auto")
 FEATURE_SEPARATOR = "+"
@@ -187,7 +186,7 @@ def _config_rows(recipe: Any, name: str, modes: list[str] | tuple[str, ...], ite
         med = statistics.median(times)
         rows.append({"config": name, "mode": mode, "img_per_s": batch / med, "speedup": None,
                      "step_ms": 1000 * med, "status": "ok", "reason": "", "precision": chosen,
-                     "native_kernels": native.all_switched_on(),
+                     "lean_step": lean_step.enabled(),
                      "runtime": runtime_label(describe_runtime()), "batch": batch,
                      "step_s": times})
         log(f"  {name:<16} {mode:<8} {batch / med:8.2f} img/s  "

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from accelcore.training import lean_step
+
 
 class _ChannelCat(torch.autograd.Function):
     @staticmethod
@@ -28,10 +30,10 @@ def channel_cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     reads it slowly or copies it (residual adds, upsampling backward, convolution and BN+SiLU
     backwards): yolox_nano's CSP and PAFPN concats cost ~35 ms more per bf16 training step that
     way than one copy per piece (batch 64, 416 px, 2-core Zen 4). Elsewhere (no gradient wanted,
-    other layouts, tracing/compiling) it is ``torch.cat`` itself.
+    other layouts, tracing/compiling, the lean step switched off) it is ``torch.cat`` itself.
     """
     parts = tuple(parts)
-    if (torch.is_grad_enabled() and any(p.requires_grad for p in parts)
+    if (lean_step.enabled() and torch.is_grad_enabled() and any(p.requires_grad for p in parts)
             and all(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
                     for p in parts)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()

@@ -19,13 +19,9 @@ import torch
 
 from accelcore.errors import one_line
 from accelcore.machine import real_cpu_flags
+from accelcore.training import lean_step
 
 log = logging.getLogger(__name__)
-
-#: ``0`` switches every kernel of this package off (torch's own ops train instead); each kernel
-#: also has its own switch.
-ALL_KERNELS_SWITCH_ENV = "ACCELCORE_NATIVE_KERNELS"
-
 
 @functools.cache
 def build(name: str) -> Any | None:
@@ -45,12 +41,7 @@ def build(name: str) -> Any | None:
         return None
 
 
-def all_switched_on() -> bool:
-    """Whether the kernels may run at all (unless :data:`ALL_KERNELS_SWITCH_ENV` is ``0``)."""
-    return os.environ.get(ALL_KERNELS_SWITCH_ENV, "1") != "0"
-
-
 def switched_on(env: str) -> bool:
-    """Whether the kernel switch ``env`` is on: unless it is set to ``0`` or every kernel is
-    switched off (:func:`all_switched_on`)."""
-    return os.environ.get(env, "1") != "0" and all_switched_on()
+    """Whether the kernel switch ``env`` is on: unless it is set to ``0`` or the whole lean
+    step is switched off (:mod:`accelcore.training.lean_step`)."""
+    return os.environ.get(env, "1") != "0" and lean_step.enabled()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accelcore.training import depthwise_conv
+from accelcore.training import depthwise_conv, lean_step
 from accelcore.training.bn_silu import bn_silu
 from accelcore.training.layout import channel_cat
 from accelcore.training.space_to_depth import space_to_depth, stacked_slices
@@ -134,7 +134,7 @@ class SPPBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
-        if self.training and chainable(self.m):
+        if self.training and lean_step.enabled() and chainable(self.m):
             return self.conv2(channel_cat([x, *chained_max_pools(x, self.m)]))
         return self.conv2(torch.cat([x, *(pool(x) for pool in self.m)], dim=1))
 

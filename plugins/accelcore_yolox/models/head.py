@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from accelcore.training import lean_step
+
 from .blocks import BaseConv, conv_type
 
 
@@ -70,9 +72,11 @@ class YOLOXHead(nn.Module):
     def _predict(self, k: int, reg_feat: torch.Tensor, cls_feat: torch.Tensor) -> torch.Tensor:
         """Level ``k``'s raw output ``[B, 4 + 1 + C, H, W]``: box, objectness, class scores."""
         reg, obj, cls = self.reg_preds[k], self.obj_preds[k], self.cls_preds[k]
-        if not self.training or not all(type(m) is nn.Conv2d for m in (reg, obj)):
+        if (not self.training or not lean_step.enabled()
+                or not all(type(m) is nn.Conv2d for m in (reg, obj))):
             # Inference keeps one module per output: exporters and quantizers see the
-            # official graph; so do modules a training feature replaced (IPEX packs weights).
+            # official graph; so do modules a training feature replaced (IPEX packs weights),
+            # and training with the lean step switched off.
             return torch.cat([reg(reg_feat), obj(reg_feat), cls(cls_feat)], dim=1)
         # Training: box and objectness come from one conv of their stacked weights, so the
         # backward pass hands reg_feat one gradient instead of two to add (the 1-channel
