@@ -1,5 +1,5 @@
 """Training-graph rewrites that must leave the function unchanged: the channel concat with
-contiguous gradient pieces, and SPP's chained max pools."""
+contiguous gradient pieces, SPP's chained max pools, and the lean step switched off as a whole."""
 
 from __future__ import annotations
 

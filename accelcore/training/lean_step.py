@@ -3,8 +3,8 @@
 The lean step is what a training step does beyond torch's own ops on a channels_last model, all
 of it exact: this package's C++ kernels (:mod:`accelcore.training.native` — fused BatchNorm +
 SiLU, depthwise gradients, space-to-depth), concatenations that hand back channels_last
-gradients (:func:`accelcore.training.layout.channel_cat`) and the training-only restructurings a
-model plugin makes (YOLOX: chained SPP pools, one box + objectness convolution). ``0`` in
+gradients (:func:`accelcore.training.layout.channel_cat`) and the training-only restructurings
+a model plugin makes when :func:`enabled` says so (each plugin documents its own). ``0`` in
 :data:`SWITCH_ENV` switches all of it off: the plain channels_last step the bench's
 ``fp32_cl_torch`` row measures, the reference the lean step is measured against.
 """

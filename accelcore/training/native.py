@@ -23,6 +23,7 @@ from accelcore.training import lean_step
 
 log = logging.getLogger(__name__)
 
+
 @functools.cache
 def build(name: str) -> Any | None:
     """The compiled module of ``<name>.cpp`` (None, with one warning, if it cannot be built)."""
