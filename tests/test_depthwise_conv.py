@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from accelcore.training import depthwise_conv
+from accelcore.training import conv_forms, depthwise_conv
 
 CL = torch.channels_last
 
@@ -44,7 +44,7 @@ def test_subsampled_form_is_the_same_convolution(dtype, size, stride, bias):
 
 
 def test_choice_is_measured_once_per_shape_and_used(monkeypatch):
-    monkeypatch.setattr(depthwise_conv, "_CHOICES", {})
+    monkeypatch.setattr(conv_forms, "_CHOICES", {})
     measured = []
 
     def fake_measure(conv, x, candidates):
@@ -52,7 +52,7 @@ def test_choice_is_measured_once_per_shape_and_used(monkeypatch):
         assert set(candidates) == {"onednn", "subsampled"}  # 4 channels: no kernel form
         return "subsampled" if x.shape[-1] == 12 else "onednn"  # "faster" for one size only
 
-    monkeypatch.setattr(depthwise_conv, "_measure", fake_measure)
+    monkeypatch.setattr(conv_forms, "_measure", fake_measure)
     used = []
     real = depthwise_conv.subsampled
     monkeypatch.setattr(depthwise_conv, "subsampled",
@@ -61,40 +61,40 @@ def test_choice_is_measured_once_per_shape_and_used(monkeypatch):
     conv, _ = _pair(4, 2)
     for size in (12, 12, 10, 12, 10):
         x = torch.randn(2, 4, size, size).contiguous(memory_format=CL)
-        out = depthwise_conv.conv2d(conv, x)
+        out = conv_forms.conv2d(conv, x)
         torch.testing.assert_close(out, conv(x))
     assert measured == [(2, 4, 12, 12), (2, 4, 10, 10)]
     assert used == [(2, 4, 12, 12)] * 3
-    assert set(depthwise_conv.choices().values()) == {"subsampled", "onednn"}
+    assert set(conv_forms.choices().values()) == {"subsampled", "onednn"}
 
 
 def test_real_measurement_returns_a_choice_and_leaves_gradients_alone():
     conv, _ = _pair(8, 2)
     x = torch.randn(2, 8, 16, 16).contiguous(memory_format=CL).requires_grad_()
-    candidates = depthwise_conv.forms(conv, x)
-    assert depthwise_conv._measure(conv, x, candidates) in candidates
+    candidates = conv_forms.forms(conv, x)
+    assert conv_forms._measure(conv, x, candidates) in candidates
     assert conv.weight.grad is None and x.grad is None
 
 
 def test_not_applied_where_it_does_not_fit(monkeypatch):
     conv, _ = _pair(4, 2)
     x = torch.randn(2, 4, 12, 12).contiguous(memory_format=CL)
-    assert depthwise_conv.applies(conv, x)
+    assert conv_forms.applies(conv, x)
     dense = nn.Conv2d(4, 4, 3, 2, 1).to(memory_format=CL)
-    assert not depthwise_conv.applies(dense, x)  # not depthwise
-    assert not depthwise_conv.applies(_pair(4, 1)[0], x)  # stride 1
-    assert not depthwise_conv.applies(conv, x.contiguous())  # NCHW
+    assert not conv_forms.applies(dense, x)  # not depthwise
+    assert not conv_forms.applies(_pair(4, 1)[0], x)  # stride 1
+    assert not conv_forms.applies(conv, x.contiguous())  # NCHW
     class OwnForward(nn.Conv2d):  # e.g. IPEX's prepacked conv: other weight layout
         pass
 
     own = OwnForward(4, 4, 3, 2, 1, groups=4).to(memory_format=CL)
-    assert not depthwise_conv.applies(own, x)
+    assert not conv_forms.applies(own, x)
     with torch.no_grad():
-        assert not depthwise_conv.applies(conv, x)  # no backward to speed up
-    assert not depthwise_conv.applies(conv.eval(), x)
+        assert not conv_forms.applies(conv, x)  # no backward to speed up
+    assert not conv_forms.applies(conv.eval(), x)
     conv.train()
     monkeypatch.setenv(depthwise_conv.SWITCH_ENV, "0")
-    assert not depthwise_conv.applies(conv, x)  # 4 channels: no kernel form either
+    assert not conv_forms.applies(conv, x)  # 4 channels: no kernel form either
 
 
 def test_yolox_trains_its_depthwise_convs_through_it(monkeypatch):
@@ -103,9 +103,9 @@ def test_yolox_trains_its_depthwise_convs_through_it(monkeypatch):
 
     get_plugin_manager()
     routed = []
-    real = depthwise_conv.conv2d
-    monkeypatch.setattr(depthwise_conv, "conv2d",
-                        lambda conv, x: routed.append((conv, depthwise_conv.applies(conv, x)))
+    real = conv_forms.conv2d
+    monkeypatch.setattr(conv_forms, "conv2d",
+                        lambda conv, x: routed.append((conv, conv_forms.applies(conv, x)))
                         or real(conv, x))
     model = registry.create_model("yolox_nano", num_classes=3).train().to(memory_format=CL)
     images = (torch.rand(2, 3, 64, 64) * 255).contiguous(memory_format=CL)
@@ -159,7 +159,7 @@ def test_kernel_gradient_form_is_the_same_convolution(dtype, size, stride, bias,
     twin = nn.Conv2d(32, 32, 3, stride, 1, groups=32, bias=bias).to(dtype)
     twin.load_state_dict(conv.state_dict())
     x = torch.randn(3, 32, size, size + 3, dtype=dtype).contiguous(memory_format=CL)
-    assert "kernel" in depthwise_conv.forms(conv, x)
+    assert "kernel" in conv_forms.forms(conv, x)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         ya, yb = conv(xa), depthwise_conv.with_kernel_grads(twin, xb)
@@ -194,15 +194,15 @@ def test_kernel_gradient_form_is_the_same_convolution(dtype, size, stride, bias,
 def test_kernel_form_offered_only_where_it_fits(monkeypatch):
     x16 = torch.randn(2, 16, 8, 8).contiguous(memory_format=CL)
     conv = nn.Conv2d(16, 16, 3, 1, 1, groups=16).to(memory_format=CL).train()
-    assert set(depthwise_conv.forms(conv, x16)) == {"onednn", "kernel"}
+    assert set(conv_forms.forms(conv, x16)) == {"onednn", "kernel"}
     five = nn.Conv2d(16, 16, 5, 1, 2, groups=16).to(memory_format=CL)
-    assert set(depthwise_conv.forms(five, x16)) == {"onednn"}  # 3x3 only
+    assert set(conv_forms.forms(five, x16)) == {"onednn"}  # 3x3 only
     x8 = torch.randn(2, 8, 8, 8).contiguous(memory_format=CL)
     eight = nn.Conv2d(8, 8, 3, 1, 1, groups=8).to(memory_format=CL)
-    assert set(depthwise_conv.forms(eight, x8)) == {"onednn"}  # 16k channels only
+    assert set(conv_forms.forms(eight, x8)) == {"onednn"}  # 16k channels only
     strided = nn.Conv2d(16, 16, 3, 2, 1, groups=16).to(memory_format=CL).train()
-    assert set(depthwise_conv.forms(strided, x16)) == {"onednn", "subsampled", "kernel"}
+    assert set(conv_forms.forms(strided, x16)) == {"onednn", "subsampled", "kernel"}
     stride3 = nn.Conv2d(16, 16, 3, 3, 1, groups=16).to(memory_format=CL).train()
-    assert set(depthwise_conv.forms(stride3, x16)) == {"onednn", "subsampled"}  # 1 or 2 only
+    assert set(conv_forms.forms(stride3, x16)) == {"onednn", "subsampled"}  # 1 or 2 only
     monkeypatch.setenv(depthwise_conv.KERNEL_SWITCH_ENV, "0")
-    assert set(depthwise_conv.forms(conv, x16)) == {"onednn"}
+    assert set(conv_forms.forms(conv, x16)) == {"onednn"}

@@ -17,8 +17,8 @@ Why, profiled on a 2-core Zen 4 (yolox_nano, batch 64, 416 px, bf16 autocast + c
 
 Which form wins depends on the CPU, the dtype and the shape (the subsampled form lost at 16
 channels and 208 px; the weight-gradient kernel only matches oneDNN in float32), so
-:func:`conv2d` times every form that applies, forward + backward, the first time it sees a
-shape and remembers the winner for the process.
+:func:`accelcore.training.conv_forms.conv2d` times every form that applies, forward +
+backward, the first time it sees a shape and remembers the winner for the process.
 
 Only training (grad enabled, module in training mode) on channels_last CPU inputs of a
 depthwise ``nn.Conv2d`` is concerned, outside ``torch.compile``; everywhere else, and with
@@ -27,11 +27,7 @@ depthwise ``nn.Conv2d`` is concerned, outside ``torch.compile``; everywhere else
 
 from __future__ import annotations
 
-import logging
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,18 +35,13 @@ from torch import nn
 
 from accelcore.machine import real_cpu_flags
 from accelcore.training import native
+from accelcore.training.conv_forms import compute_dtype
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from accelcore.training.conv_forms import Form
 
 SWITCH_ENV = "ACCELCORE_SUBSAMPLED_DW"
 KERNEL_SWITCH_ENV = "ACCELCORE_DW_KERNEL"
-#: Timed forward + backward passes per form (after one untimed warm-up each), interleaved.
-TRIALS = 3
-
-Form = Callable[[nn.Conv2d, torch.Tensor], torch.Tensor]
-
-#: (shape key, names of the forms that applied) -> name of the fastest form
-_CHOICES: dict[tuple[tuple, tuple[str, ...]], str] = {}
 
 
 def enabled() -> bool:
@@ -62,35 +53,20 @@ def kernel() -> Any | None:
     return native.build("depthwise3x3") if "avx512f" in real_cpu_flags() else None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-
-
-def _depthwise_training(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    # Only torch's own module: subclasses (IPEX's prepacked convs, quantised ones) keep their
-    # weights in other layouts and compute through their own forward.
-    return (type(conv) is nn.Conv2d and conv.weight.dim() == 4 and conv.weight.shape[1] == 1
-            and conv.training and torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dim() == 4 and conv.groups == conv.in_channels == conv.out_channels
-            and conv.groups > 1 and tuple(conv.dilation) == (1, 1)
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.compiler.is_compiling() and not torch.jit.is_scripting())
-
-
 def _kernel_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.padding) == (1, 1)
             and tuple(conv.stride) in ((1, 1), (2, 2)) and conv.in_channels % 16 == 0
-            and _compute_dtype(x) in (torch.float32, torch.bfloat16)
+            and compute_dtype(x) in (torch.float32, torch.bfloat16)
             and conv.weight.dtype in (torch.float32, torch.bfloat16)
             and native.switched_on(KERNEL_SWITCH_ENV) and kernel() is not None)
 
 
 def forms(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, Form]:
-    """The exact forms of ``conv(x)`` to choose from; just ``{"onednn": ...}`` where nothing
-    else applies."""
-    found: dict[str, Form] = {"onednn": _module_form}
-    if not _depthwise_training(conv, x):
+    """The depthwise forms of a training convolution that apply (none for other ones); the
+    caller checked :func:`~accelcore.training.conv_forms.trains_here`."""
+    found: dict[str, Form] = {}
+    if not (conv.weight.shape[1] == 1 and conv.groups == conv.in_channels == conv.out_channels
+            and conv.groups > 1):
         return found
     strided = max(conv.stride) > 1
     if strided and enabled():
@@ -98,15 +74,6 @@ def forms(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, Form]:
     if _kernel_fits(conv, x):
         found["kernel"] = with_kernel_grads
     return found
-
-
-def _module_form(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return conv(x)
-
-
-def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether :func:`conv2d` has a form other than the module's own to choose from."""
-    return len(forms(conv, x)) > 1
 
 
 class _Subsample(torch.autograd.Function):
@@ -144,7 +111,7 @@ class _KernelGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 stride: int) -> torch.Tensor:
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         xc, wc = x.to(dtype), weight.to(dtype)
         with torch.autocast("cpu", enabled=False):
             out = F.conv2d(xc, wc, None if bias is None else bias.to(dtype), stride, 1, 1,
@@ -179,55 +146,3 @@ class _KernelGrad(torch.autograd.Function):
 def with_kernel_grads(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` with the gradients from the kernels (see :class:`_KernelGrad`)."""
     return _KernelGrad.apply(x, conv.weight, conv.bias, conv.stride[0])
-
-
-def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``, in the form measured fastest for its shape (see the module doc)."""
-    candidates = forms(conv, x)
-    if len(candidates) == 1:
-        return conv(x)
-    key = (_key(conv, x), tuple(candidates))  # a switch flipped mid-process: measured anew
-    name = _CHOICES.get(key)
-    if name is None:
-        name = _CHOICES[key] = _measure(conv, x, candidates)
-    return candidates[name](conv, x)
-
-
-def choices() -> dict[str, str]:
-    """What was chosen so far, for logs and reports: shape -> form name."""
-    return {" ".join(str(v) for v in shape): name for (shape, _), name in _CHOICES.items()}
-
-
-def _key(conv: nn.Conv2d, x: torch.Tensor) -> tuple:
-    return (tuple(x.shape), str(x.dtype), str(_compute_dtype(x)), tuple(conv.kernel_size),
-            tuple(conv.stride), tuple(conv.padding), conv.bias is not None,
-            torch.get_num_threads())
-
-
-def _measure(conv: nn.Conv2d, x: torch.Tensor, candidates: dict[str, Form]) -> str:
-    """Time every form, forward + backward, on detached copies (no effect on the real graph
-    or gradients); the name of the one with the lowest median."""
-    probe = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      conv.padding, groups=conv.groups, bias=conv.bias is not None)
-    probe = probe.to(conv.weight.dtype).to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        probe.weight.copy_(conv.weight)
-    inp = x.detach().clone(memory_format=torch.channels_last).requires_grad_(True)
-    params = [inp, *probe.parameters()]
-
-    def run(form: Form) -> float:
-        start = time.perf_counter()
-        out = form(probe, inp)
-        torch.autograd.grad(out, params, torch.ones_like(out))
-        return time.perf_counter() - start
-
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for form in candidates.values():
-        run(form)  # warm-up: oneDNN builds its kernels for the shape
-    for _ in range(TRIALS):
-        for name, form in candidates.items():
-            times[name].append(run(form))
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    log.info("depthwise conv %s: %s", " ".join(str(v) for v in _key(conv, x)),
-             ", ".join(f"{name} {1e3 * t:.1f} ms" for name, t in medians.items()))
-    return min(medians, key=medians.get)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accelcore.training import depthwise_conv, lean_step
+from accelcore.training import conv_forms, lean_step
 from accelcore.training.bn_silu import bn_silu
 from accelcore.training.layout import channel_cat
 from accelcore.training.space_to_depth import space_to_depth, stacked_slices
@@ -65,8 +65,8 @@ class BaseConv(nn.Module):
         if self.training and isinstance(self.act, nn.SiLU):
             # Training on CPU channels_last: one fused BN + SiLU kernel (exactly silu(bn(.))
             # elsewhere); BN + SiLU were as slow as all convolutions together in eager. A
-            # depthwise conv takes its fastest exact form on this CPU (depthwise_conv).
-            return bn_silu(depthwise_conv.conv2d(self.conv, x), self.bn)
+            # convolution takes its fastest exact form on this CPU (conv_forms).
+            return bn_silu(conv_forms.conv2d(self.conv, x), self.bn)
         return self.act(self.bn(self.conv(x)))
 
 
