@@ -12,6 +12,11 @@ from accelcore.training import conv_forms, dense_conv
 
 CL = torch.channels_last
 
+@pytest.fixture(autouse=True)
+def _opted_in(monkeypatch):
+    monkeypatch.setenv(dense_conv.KERNEL_SWITCH_ENV, "1")
+
+
 needs_kernel = pytest.mark.skipif(dense_conv.kernel() is None,
                                   reason="weight-gradient kernel: AVX2 + FMA CPUs with a compiler")
 
@@ -74,8 +79,8 @@ def test_kernel_form_offered_only_where_it_fits(monkeypatch):
     with torch.no_grad():
         assert not offered(nn.Conv2d(16, 32, 1))  # no backward
     assert not conv_forms.applies(nn.Conv2d(16, 32, 1).to(memory_format=CL).eval(), x)
-    monkeypatch.setenv(dense_conv.KERNEL_SWITCH_ENV, "0")
-    assert not offered(nn.Conv2d(16, 32, 1))
+    monkeypatch.delenv(dense_conv.KERNEL_SWITCH_ENV)
+    assert not offered(nn.Conv2d(16, 32, 1))  # opt-in
     monkeypatch.setenv(dense_conv.KERNEL_SWITCH_ENV, "1")
     monkeypatch.setenv("ACCELCORE_LEAN_STEP", "0")  # the whole lean step off
     assert not offered(nn.Conv2d(16, 32, 1))
