@@ -68,12 +68,17 @@ def test_choice_is_measured_once_per_shape_and_used(monkeypatch):
     assert set(conv_forms.choices().values()) == {"subsampled", "onednn"}
 
 
-def test_real_measurement_returns_a_choice_and_leaves_gradients_alone():
+def test_real_measurement_returns_a_choice_and_leaves_gradients_and_rng_alone():
     conv, _ = _pair(8, 2)
     x = torch.randn(2, 8, 16, 16).contiguous(memory_format=CL).requires_grad_()
     candidates = conv_forms.forms(conv, x)
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
     assert conv_forms._measure(conv, x, candidates) in candidates
     assert conv.weight.grad is None and x.grad is None
+    # the run's random stream (augmentation, multiscale sizes) is left where it was
+    torch.testing.assert_close(torch.rand(4), expected)
 
 
 def test_not_applied_where_it_does_not_fit(monkeypatch):

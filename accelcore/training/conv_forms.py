@@ -96,11 +96,16 @@ def _key(conv: nn.Conv2d, x: torch.Tensor) -> tuple:
 def _measure(conv: nn.Conv2d, x: torch.Tensor, candidates: dict[str, Form]) -> str:
     """Time every form, forward + backward, on detached copies (no effect on the real graph
     or gradients); the name of the one with the lowest median."""
-    probe = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      conv.padding, groups=conv.groups, bias=conv.bias is not None)
+    # Without touching the global RNG (an initialised probe would draw from it): a
+    # measurement must not change the run's random stream (augmentation, multiscale sizes).
+    probe = nn.utils.skip_init(nn.Conv2d, conv.in_channels, conv.out_channels,
+                               conv.kernel_size, conv.stride, conv.padding, groups=conv.groups,
+                               bias=conv.bias is not None)
     probe = probe.to(conv.weight.dtype).to(memory_format=torch.channels_last)
     with torch.no_grad():
         probe.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            probe.bias.copy_(conv.bias)
     # The input needs a gradient only where the real one does (a stem's images do not).
     inp = x.detach().clone(memory_format=torch.channels_last).requires_grad_(x.requires_grad)
     params = [inp, *probe.parameters()] if x.requires_grad else list(probe.parameters())

@@ -13,9 +13,9 @@ gradient — for stride-1, "same"-padded, odd-sized square kernels, groups 1, fl
 autocast, output channels a multiple of 8, on CPUs with AVX2 + FMA.
 
 Opt-in (``ACCELCORE_WGRAD_KERNEL=1``): its gradients match oneDNN's within 2e-5 per step, but
-two real 20-epoch runs of ``recipes/yolox_nano_train.yaml`` with it ended at AP50:95 0.38 and
-0.49 against 0.53 without it (Zen 3); until a multi-seed comparison says that is run-to-run
-spread, it is not on by default.
+over three seeds of ``recipes/yolox_nano_train.yaml`` (20 epochs, Zen 3) it ended at a mean
+AP50:95 of 0.395 against 0.430 without it — within that recipe's run-to-run spread (0.27-0.54)
+yet leaning one way, so it is not on by default until a longer schedule settles it.
 """
 
 from __future__ import annotations
