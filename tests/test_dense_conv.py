@@ -13,8 +13,9 @@ from accelcore.training import conv_forms, dense_conv
 CL = torch.channels_last
 
 @pytest.fixture(autouse=True)
-def _opted_in(monkeypatch):
-    monkeypatch.setenv(dense_conv.KERNEL_SWITCH_ENV, "1")
+def _switches_default(monkeypatch):
+    monkeypatch.delenv(dense_conv.KERNEL_SWITCH_ENV, raising=False)
+    monkeypatch.delenv("ACCELCORE_LEAN_STEP", raising=False)
 
 
 needs_kernel = pytest.mark.skipif(dense_conv.kernel() is None,
@@ -79,9 +80,10 @@ def test_kernel_form_offered_only_where_it_fits(monkeypatch):
     with torch.no_grad():
         assert not offered(nn.Conv2d(16, 32, 1))  # no backward
     assert not conv_forms.applies(nn.Conv2d(16, 32, 1).to(memory_format=CL).eval(), x)
+    assert offered(nn.Conv2d(16, 32, 1))  # on by default
+    monkeypatch.setenv(dense_conv.KERNEL_SWITCH_ENV, "0")
+    assert not offered(nn.Conv2d(16, 32, 1))  # switched off
     monkeypatch.delenv(dense_conv.KERNEL_SWITCH_ENV)
-    assert not offered(nn.Conv2d(16, 32, 1))  # opt-in
-    monkeypatch.setenv(dense_conv.KERNEL_SWITCH_ENV, "1")
     monkeypatch.setenv("ACCELCORE_LEAN_STEP", "0")  # the whole lean step off
     assert not offered(nn.Conv2d(16, 32, 1))
 

@@ -12,11 +12,10 @@ The form ("weight_grad_kernel"): oneDNN's forward and input gradient, the kernel
 gradient — for stride-1, "same"-padded, odd-sized square kernels, groups 1, float32 without
 autocast, output channels a multiple of 8, on CPUs with AVX2 + FMA.
 
-Opt-in (``ACCELCORE_WGRAD_KERNEL=1``): its gradients match oneDNN's within 2e-5 per step, but
-over three seeds of ``recipes/yolox_nano_train.yaml`` (20 epochs, Zen 3) it ended at a mean
-AP50:95 of 0.395 against 0.430 without it, within that recipe's run-to-run spread (0.27-0.54);
-at 40 epochs, two seeds, 0.667 against 0.674. It is to be turned on by default once a clean CI
-has run with it on.
+On by default (``ACCELCORE_WGRAD_KERNEL=0`` to disable): its gradients match oneDNN's within
+2e-5 per step; over three seeds of ``recipes/yolox_nano_train.yaml`` (20 epochs, Zen 3) it ended
+at a mean AP50:95 of 0.395 against 0.430 without it, within that recipe's run-to-run spread
+(0.27-0.54), and at 40 epochs, two seeds, 0.667 against 0.674 — no difference beyond the spread.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ def _kernel_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == ((k - 1) // 2,) * 2
             and conv.out_channels % 8 == 0 and x.dtype == torch.float32
             and compute_dtype(x) == torch.float32 and conv.weight.dtype == torch.float32
-            and native.switched_on(KERNEL_SWITCH_ENV, default=False)
+            and native.switched_on(KERNEL_SWITCH_ENV)
             and kernel() is not None)
 
 
