@@ -97,6 +97,33 @@ def test_rounds_pool_step_times_and_keep_failures():
         bench_train(load_recipe(data={}), ["fp32"], ["compute"], rounds=0)
 
 
+def test_ratios_against_a_chosen_baseline_also_per_round(monkeypatch):
+    """--baseline picks the reference row; with rounds, each round's ratio pairs the two
+    configurations measured back to back (the host's drift between rounds cancels)."""
+    from accelcore.training import bench as bench_module
+
+    step_s = {"ref": [[2.0], [4.0]], "fast": [[1.0], [2.5]]}  # per round, seconds per step
+    calls: dict[str, int] = {}
+
+    def fake(recipe, name, modes, iters, warmup, tmp):
+        k = calls[name] = calls.get(name, -1) + 1
+        times = step_s[name][k]
+        return [{"config": name, "mode": "compute", "status": "ok", "reason": "", "batch": 8,
+                 "step_s": times, "img_per_s": 8 / times[0], "speedup": None}]
+
+    monkeypatch.setattr(bench_module, "_run_isolated", fake)
+    monkeypatch.setattr(bench_module, "config_overrides", lambda name: {})  # names are fakes
+    with pytest.raises(RecipeError, match="--baseline stock: not among the measured configs"):
+        bench_train(load_recipe(data={}), ["fast"], ["compute"], baseline="stock")
+    rows = bench_train(load_recipe(data={}), ["ref", "fast"], ["compute"], rounds=2,
+                       baseline="ref", log=lambda *_: None)
+    by = {r["config"]: r for r in rows}
+    assert by["fast"]["baseline"] == "ref" and by["ref"]["speedup"] == pytest.approx(1.0)
+    # pooled medians: ref 3.0 s, fast 1.75 s; by round 2.0 / 1.0 and 4.0 / 2.5
+    assert by["fast"]["speedup"] == pytest.approx(3.0 / 1.75)
+    assert by["fast"]["round_speedup"] == pytest.approx([2.0, 1.6])
+
+
 @pytest.mark.slow
 def test_bench_train_runs_and_writes_json(tmp_path: Path):
     recipe = tmp_path / "r.yaml"

@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--rounds", type=int, default=1,
                    help="measure the configurations this many times, interleaved, and pool "
                         "each one's steps (steadier ratios on a machine whose speed drifts)")
+    t.add_argument("--baseline", metavar="CONFIG", default=None,
+                   help="the measured config every ratio is taken against (default stock, or "
+                        "fp32 when stock is not measured; e.g. fp32_cl_torch for the lean step)")
     t.add_argument("--configs", type=_csv, default=list(DEFAULT_CONFIGS),
                    help=f"comma-separated (default {','.join(DEFAULT_CONFIGS)})")
     t.add_argument("--modes", type=_csv, default=list(MODES), help="compute,e2e (default both)")
@@ -77,7 +80,7 @@ def handle_train(args: argparse.Namespace) -> int:
         return _handle_processes(args, recipe)
     require_allocator(cfg.allocator, getattr(args, "command_line", None))
     rows = bench_train(recipe, args.configs, args.modes, args.iters, args.warmup,
-                       isolate=not args.in_process, rounds=args.rounds)
+                       isolate=not args.in_process, rounds=args.rounds, baseline=args.baseline)
     baseline = rows[0]["baseline"] if rows else "stock"
     _print_rows(f"{'config':<16} {'mode':<8}", f"vs {baseline}", rows,
                 lambda r: f"{r['config']:<16} {r['mode']:<8}", "unavailable")
@@ -91,7 +94,8 @@ def handle_train(args: argparse.Namespace) -> int:
             print(f"  {phase:<10} {1000 * prof[phase]:8.1f} ms  {100 * prof[phase] / step:5.1f}%")
     if args.json_path:
         keys = ("config", "mode", "img_per_s", "speedup", "step_ms", "status", "reason",
-                "precision", "lean_step", "runtime", "baseline", "round_img_per_s")
+                "precision", "lean_step", "runtime", "baseline", "round_img_per_s",
+                "round_speedup")
         out = [{k: r.get(k) for k in keys} for r in rows]
         Path(args.json_path).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json_path}")
@@ -127,5 +131,8 @@ def _print_rows(label_header: str, ratio_header: str, rows: list[dict],
             continue
         ratio = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
         rounds = r.get("round_img_per_s")
-        per_round = f"  (rounds: {' / '.join(f'{v:.2f}' for v in rounds)})" if rounds else ""
+        per_round = f"  (rounds: {' / '.join(f'{v:.2f}' for v in rounds)}" if rounds else ""
+        if r.get("round_speedup") and r["config"] != r.get("baseline"):
+            per_round += f"; ratio by round: {' / '.join(f'{v:.2f}x' for v in r['round_speedup'])}"
+        per_round += ")" if rounds else ""
         print(f"{label(r)} {r['img_per_s']:8.2f} {ratio:>{width}}{per_round}")

@@ -250,13 +250,17 @@ def _pool_rounds(per_round: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 def bench_train(recipe: Any, configs: list[str] | tuple[str, ...] = DEFAULT_CONFIGS,
                 modes: list[str] | tuple[str, ...] = MODES, iters: int = 10, warmup: int = 3,
                 log: Any = print, isolate: bool = True, rounds: int = 1,
-                ) -> list[dict[str, Any]]:
+                baseline: str | None = None) -> list[dict[str, Any]]:
     """Rows ``{config, mode, img_per_s, speedup, step_ms, status, reason, precision, runtime}``
-    (plus ``round_img_per_s`` when ``rounds`` > 1); ``speedup`` is relative to ``stock`` (or
-    ``fp32`` when stock was not measured)."""
+    (plus ``round_img_per_s`` and, against the baseline, ``round_speedup`` when ``rounds`` > 1);
+    ``speedup`` is relative to ``baseline`` (default: ``stock``, or ``fp32`` when stock was not
+    measured)."""
     _check_args(configs, modes, iters, warmup)
     if rounds < 1:
         raise RecipeError(f"--rounds must be >= 1, got {rounds}")
+    if baseline is not None and baseline not in configs:
+        raise RecipeError(f"--baseline {baseline}: not among the measured configs "
+                          f"({', '.join(configs)})")
     per_round = []
     for k in range(rounds):
         if rounds > 1:
@@ -271,12 +275,15 @@ def bench_train(recipe: Any, configs: list[str] | tuple[str, ...] = DEFAULT_CONF
         per_round.append(rows)
     rows = _pool_rounds(per_round)
     ran = {r["config"] for r in rows if r["status"] == "ok"}
-    base = "stock" if "stock" in ran else "fp32"
+    base = baseline or ("stock" if "stock" in ran else "fp32")
     for row in rows:
         ref = next((r for r in rows if r["config"] == base and r["mode"] == row["mode"]
                     and r["status"] == "ok"), None)
         if ref is not None and row["img_per_s"] is not None:
             row["speedup"] = row["img_per_s"] / ref["img_per_s"]
+            if "round_img_per_s" in row:  # paired by round: the host's drift cancels
+                row["round_speedup"] = [a / b for a, b in zip(
+                    row["round_img_per_s"], ref["round_img_per_s"], strict=True)]
         row["baseline"] = base
     return rows
 
