@@ -12,6 +12,7 @@ from accelcore.training import conv_forms, dense_conv
 
 CL = torch.channels_last
 
+
 @pytest.fixture(autouse=True)
 def _switches_default(monkeypatch):
     monkeypatch.delenv(dense_conv.KERNEL_SWITCH_ENV, raising=False)

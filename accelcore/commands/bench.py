@@ -130,9 +130,12 @@ def _print_rows(label_header: str, ratio_header: str, rows: list[dict],
             print(f"{label(r)} {'-':>8} {'-':>{width}}  {failed_word}: {r['reason']}")
             continue
         ratio = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
-        rounds = r.get("round_img_per_s")
-        per_round = f"  (rounds: {' / '.join(f'{v:.2f}' for v in rounds)}" if rounds else ""
-        if r.get("round_speedup") and r["config"] != r.get("baseline"):
-            per_round += f"; ratio by round: {' / '.join(f'{v:.2f}x' for v in r['round_speedup'])}"
-        per_round += ")" if rounds else ""
+        per_round = ""
+        if r.get("round_img_per_s"):
+            per_round = f"rounds: {' / '.join(f'{v:.2f}' for v in r['round_img_per_s'])}"
+            if r.get("round_speedup") and r["config"] != r.get("baseline"):
+                ratios = " / ".join(f"{v:.2f}x" for v in r["round_speedup"])
+                per_round = f"  ({per_round}; ratio by round: {ratios})"
+            else:
+                per_round = f"  ({per_round})"
         print(f"{label(r)} {r['img_per_s']:8.2f} {ratio:>{width}}{per_round}")

@@ -48,8 +48,7 @@ def _kernel_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == ((k - 1) // 2,) * 2
             and conv.out_channels % 8 == 0 and x.dtype == torch.float32
             and compute_dtype(x) == torch.float32 and conv.weight.dtype == torch.float32
-            and native.switched_on(KERNEL_SWITCH_ENV)
-            and kernel() is not None)
+            and native.switched_on(KERNEL_SWITCH_ENV) and kernel() is not None)
 
 
 def forms(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, Form]:

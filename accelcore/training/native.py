@@ -42,9 +42,7 @@ def build(name: str) -> Any | None:
         return None
 
 
-def switched_on(env: str, default: bool = True) -> bool:
-    """Whether the kernel switch ``env`` is on: set to ``1``, or unset with ``default`` on — and
-    never while the whole lean step is switched off (:mod:`accelcore.training.lean_step`)."""
-    value = os.environ.get(env)
-    on = default if value is None else value != "0"
-    return on and lean_step.enabled()
+def switched_on(env: str) -> bool:
+    """Whether the kernel switch ``env`` is on: unless it is set to ``0`` or the whole lean
+    step is switched off (:mod:`accelcore.training.lean_step`)."""
+    return os.environ.get(env, "1") != "0" and lean_step.enabled()
