@@ -126,3 +126,35 @@ def test_bfloat16_matches_a_float64_reference_also_where_silu_saturates(channels
     # elementwise, the output is the reference rounded to bfloat16 (1 ulp: 2^-8 relative)
     y, want = got[0].double(), ref[0]
     assert ((y - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
+
+
+def test_float32_matches_a_float64_reference_also_where_silu_saturates():
+    """float32 computes exp with its own polynomial: within 2e-7 of float64's exp on the reduced
+    range, clamped where float overflows; checked on pre-activations reaching +-100."""
+    bn, x, grad = _case(torch.float32, channels=24, size=17)
+    with torch.no_grad():
+        bn.weight.uniform_(30.0, 45.0)
+        bn.weight[::2] *= -1
+    got = _run(bn, x, grad, True)
+    ref = _run(bn.double(), x.double(), grad.double(), False)
+    for name, a, b in zip(("y", "dx", "dweight", "dbias"), got[:4], ref[:4], strict=True):
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+    y, want = got[0].double(), ref[0]
+    assert ((y - want).abs() <= want.abs() * 1e-5 + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gradient_that_is_a_channel_slice_is_read_in_place(dtype):
+    """A concatenation hands each piece a channel slice of its gradient (pixels strided by the
+    wider channel count): the kernel reads it as it is, with the same result as a copy."""
+    bn, x, _ = _case(dtype, channels=20)
+    wide = torch.randn(3, 20 + 13, *x.shape[2:]).to(dtype)
+    wide = wide.contiguous(memory_format=torch.channels_last)
+    piece = wide[:, 5:25]
+    assert not piece.is_contiguous(memory_format=torch.channels_last)
+    got = _run(bn, x, piece, True)
+    want = _run(bn, x, piece.contiguous(memory_format=torch.channels_last), True)
+    for a, b in zip(got[:4], want[:4], strict=True):
+        assert torch.equal(a, b)
+    assert fused.reads_channel_slices(fused.bn_silu(x.clone().requires_grad_(), bn))
+    assert not fused.reads_channel_slices(F.silu(x.clone().requires_grad_()))

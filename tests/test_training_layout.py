@@ -35,6 +35,31 @@ def test_channel_cat_is_cat_with_contiguous_gradients(dtype):
         torch.testing.assert_close(got.grad, ref.grad, rtol=0, atol=0)
 
 
+def test_a_piece_from_the_fused_bn_silu_gets_its_gradient_slice_without_a_copy():
+    from accelcore.training import bn_silu
+
+    if bn_silu.extension() is None:
+        pytest.skip("the BN+SiLU kernel cannot be built here")
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    x = torch.randn(2, 4, 5, 6).contiguous(memory_format=CL).requires_grad_()
+    other = torch.randn(2, 3, 5, 6).contiguous(memory_format=CL).requires_grad_()
+    fused_piece = bn_silu.bn_silu(x, bn)
+    received = {}
+    fused_piece.register_hook(lambda g: received.setdefault("fused", g))
+    other.register_hook(lambda g: received.setdefault("other", g))
+    out = channel_cat([other, fused_piece])
+    grad = torch.randn_like(out).contiguous(memory_format=CL)
+    out.backward(grad)
+    assert received["fused"].stride()[1] == 1 and received["fused"].stride()[3] == 7  # a slice
+    assert received["other"].is_contiguous(memory_format=CL)  # not the kernel's: a copy
+    torch.testing.assert_close(received["fused"], grad[:, 3:], rtol=0, atol=0)
+    torch.testing.assert_close(other.grad, grad[:, :3], rtol=0, atol=0)
+    twin = x.detach().clone().requires_grad_()
+    torch.nn.functional.silu(bn(twin)).backward(grad[:, 3:])
+    torch.testing.assert_close(x.grad, twin.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_channel_cat_is_plain_cat_where_nothing_is_gained():
     parts = _parts()
     with torch.no_grad():

@@ -50,23 +50,26 @@ inline void store(uint16_t* p, float v) {
   *p = static_cast<uint16_t>(bits >> 16);
 }
 
-// exp inlined (range reduction to 2^n * e^r, |r| <= ln2/2, degree-5 minimax polynomial for
-// e^r - 1 - r): unlike a libm call it stays in vector registers inside the loops.
+// exp inlined: unlike a libm call it stays in vector registers inside the loops. Range
+// reduction to 2^n * e^r (|r| <= ln2/2, ln2 split in two for an exact r), then one degree-5
+// polynomial fitted for least maximum relative error on that interval (2.1e-7, under 2 ulp).
+// Why this polynomial: the pass is bound by the sigmoid's arithmetic on AVX2, and 5 FMAs here
+// replaced 8 operations of the Cephes form (degree 5 for e^r - 1 - r, then * r^2 + r + 1) at the
+// same accuracy against float64 — forward 10-20% faster on a 2-core Zen 3.
 inline float exp_inline(float x) {
   x = std::min(std::max(x, -87.3f), 88.3f);
   const float n = std::floor(x * 1.44269504f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.f;
+  float p = 8.29765e-3f;
+  p = p * r + 4.191538e-2f;
+  p = p * r + 1.6667575e-1f;
+  p = p * r + 4.9998894e-1f;
+  p = p * r + 9.999997e-1f;
+  p = p * r + 1.0000001f;
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return e * scale;
+  return p * scale;
 }
 
 inline float sigmoid(float z) { return 1.f / (1.f + exp_inline(-z)); }
@@ -411,9 +414,14 @@ inline void input_grad_tile(const uint16_t* __restrict__ in, uint16_t* __restric
 }
 #endif  // AVX512-BF16
 
+// The running statistics are updated here, as nn.BatchNorm2d does in training (unbiased
+// variance, the module's momentum): in Python that was five small tensor ops per layer, ~15 ms
+// of dispatch in a yolox_nano step.
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weight,
-                                     const at::Tensor& bias, double eps) {
+                                     const at::Tensor& bias, double eps,
+                                     at::Tensor& running_mean, at::Tensor& running_var,
+                                     double momentum) {
   const Tiling tiling(x.size(1), x.numel() / x.size(1));
   const int64_t channels = tiling.channels, rows = tiling.rows;
   const T* xp = static_cast<const T*>(x.data_ptr());
@@ -429,18 +437,21 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   });
   auto opts = weight.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({channels}, opts), invstd = at::empty({channels}, opts);
-  at::Tensor var = at::empty({channels}, opts);
   std::vector<float> scale(channels), shift(channels);
   const float* w = weight.data_ptr<float>();
   const float* b = bias.data_ptr<float>();
+  float* run_mean = running_mean.data_ptr<float>();
+  float* run_var = running_var.data_ptr<float>();
+  const double unbiased = static_cast<double>(rows) / std::max<int64_t>(rows - 1, 1);
   for (int64_t c = 0; c < channels; ++c) {
     const double shifted = sums[c] / rows;
     const double m = first[c] + shifted;
     const double v = std::max(sums[channels + c] / rows - shifted * shifted, 0.0);
     const double is = 1.0 / std::sqrt(v + eps);
     mean.data_ptr<float>()[c] = static_cast<float>(m);
-    var.data_ptr<float>()[c] = static_cast<float>(v);
     invstd.data_ptr<float>()[c] = static_cast<float>(is);
+    run_mean[c] = static_cast<float>((1.0 - momentum) * run_mean[c] + momentum * m);
+    run_var[c] = static_cast<float>((1.0 - momentum) * run_var[c] + momentum * v * unbiased);
     scale[c] = static_cast<float>(w[c] * is);
     shift[c] = static_cast<float>(b[c] - m * w[c] * is);
   }
@@ -452,13 +463,16 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   for_each_tile(tiling, [&](int64_t offset, int64_t n) {
     silu_tile(xp + offset, k, d, yp + offset, n, channels);
   });
-  return {y, mean, invstd, var};
+  return {y, mean, invstd};
 }
 
+// grad_y's rows are grad_row_stride values apart: channels for a channels_last tensor, more
+// for a channel slice of a wider one (a concatenation's gradient), read in place.
 template <typename T>
-std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor& x,
-                                      const at::Tensor& mean, const at::Tensor& invstd,
-                                      const at::Tensor& weight, const at::Tensor& bias) {
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, int64_t grad_row_stride,
+                                      const at::Tensor& x, const at::Tensor& mean,
+                                      const at::Tensor& invstd, const at::Tensor& weight,
+                                      const at::Tensor& bias) {
   const Tiling tiling(x.size(1), x.numel() / x.size(1));
   const int64_t channels = tiling.channels, rows = tiling.rows;
   const T* xp = static_cast<const T*>(x.data_ptr());
@@ -483,7 +497,17 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
   T* dp = static_cast<T*>(grad_x.data_ptr());
   auto sums = channel_sums(tiling, [&](int64_t t, float* sdz, float* sdzx) {
     const int64_t offset = t * tiling.tile;
-    silu_grad_tile(xp + offset, gp + offset, k, d, m, dp + offset, sdz, sdzx, tiling.values(t),
+    const T* g = gp + offset;
+    if (grad_row_stride != channels) {  // gather the tile's rows (into L1) for the flat loops
+      thread_local std::vector<T> rows_buffer;
+      rows_buffer.resize(tiling.tile);
+      const int64_t first_row = t * tiling.tile_rows, count = tiling.values(t) / channels;
+      for (int64_t r = 0; r < count; ++r)
+        std::memcpy(rows_buffer.data() + r * channels, gp + (first_row + r) * grad_row_stride,
+                    channels * sizeof(T));
+      g = rows_buffer.data();
+    }
+    silu_grad_tile(xp + offset, g, k, d, m, dp + offset, sdz, sdzx, tiling.values(t),
                    channels);
   });
   auto opts = weight.options().dtype(at::kFloat);
@@ -518,23 +542,44 @@ void check(const at::Tensor& x, const at::Tensor& weight) {
               "bn_silu: weight and bias must be contiguous float32");
 }
 
+// The distance between consecutive pixels' rows of t if t is channels_last or a channel slice
+// of a wider channels_last tensor (rows of t.size(1) values, in order); 0 otherwise.
+int64_t channel_slice_row_stride(const at::Tensor& t) {
+  if (t.dim() != 4 || t.stride(1) != 1) return 0;
+  const int64_t ld = t.stride(3), h = t.size(2), w = t.size(3);
+  if (ld < t.size(1) || t.stride(2) != w * ld || t.stride(0) != h * w * ld) return 0;
+  return ld;
+}
+
+// y, mean, invstd; running_mean and running_var (float32, one per channel) updated in place.
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
-                                const at::Tensor& bias, double eps) {
+                                const at::Tensor& bias, double eps, at::Tensor running_mean,
+                                at::Tensor running_var, double momentum) {
   check(x, weight);
-  if (x.scalar_type() == at::kBFloat16) return forward_impl<uint16_t>(x, weight, bias, eps);
+  for (const at::Tensor* t : {&running_mean, &running_var})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->numel() == x.size(1),
+                "bn_silu: running statistics must be contiguous float32, one per channel");
+  if (x.scalar_type() == at::kBFloat16)
+    return forward_impl<uint16_t>(x, weight, bias, eps, running_mean, running_var, momentum);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "bn_silu: x must be float32 or bfloat16");
-  return forward_impl<float>(x, weight, bias, eps);
+  return forward_impl<float>(x, weight, bias, eps, running_mean, running_var, momentum);
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x,
                                  const at::Tensor& mean, const at::Tensor& invstd,
                                  const at::Tensor& weight, const at::Tensor& bias) {
   check(x, weight);
-  at::Tensor g = grad_y.contiguous(at::MemoryFormat::ChannelsLast).to(x.scalar_type());
-  if (x.scalar_type() == at::kBFloat16) {
-    return backward_impl<uint16_t>(g, x, mean, invstd, weight, bias);
+  at::Tensor g = grad_y;
+  int64_t row_stride = channel_slice_row_stride(grad_y);
+  if (row_stride == 0 || grad_y.scalar_type() != x.scalar_type()) {
+    g = grad_y.contiguous(at::MemoryFormat::ChannelsLast).to(x.scalar_type());
+    row_stride = x.size(1);
   }
-  return backward_impl<float>(g, x, mean, invstd, weight, bias);
+  if (x.scalar_type() == at::kBFloat16) {
+    return backward_impl<uint16_t>(g, row_stride, x, mean, invstd, weight, bias);
+  }
+  return backward_impl<float>(g, row_stride, x, mean, invstd, weight, bias);
 }
 
 }  // namespace

@@ -41,7 +41,7 @@ def fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
     """Whether :func:`bn_silu` takes the fused kernel for this input and module."""
     return (bn.training and bn.affine and bn.track_running_stats and bn.momentum is not None
             and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _DTYPES
-            and bn.weight.dtype == torch.float32
+            and bn.weight.dtype == bn.running_mean.dtype == bn.running_var.dtype == torch.float32
             and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.compiler.is_compiling() and not torch.jit.is_scripting()
             and enabled() and extension() is not None)
@@ -50,29 +50,31 @@ def fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
 class _FusedBnSilu(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y, mean, invstd, var = extension().forward(x, weight, bias, eps)
+                bn: nn.BatchNorm2d) -> torch.Tensor:
+        # The kernel also updates bn's running statistics (in place, not part of the graph).
+        y, mean, invstd = extension().forward(x, weight, bias, float(bn.eps), bn.running_mean,
+                                              bn.running_var, float(bn.momentum))
         ctx.save_for_backward(x, mean, invstd, weight, bias)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y
 
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:
         x, mean, invstd, weight, bias = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = extension().backward(grad_y, x, mean, invstd, weight,
                                                               bias)
         return grad_x, grad_weight, grad_bias, None
 
 
+def reads_channel_slices(y: torch.Tensor) -> bool:
+    """Whether ``y`` came from the fused kernel, whose backward reads a gradient that is a
+    channel slice of a wider channels_last tensor in place (so a concatenation need not copy
+    its slice of the gradient out first)."""
+    return isinstance(y.grad_fn, _FusedBnSilu._backward_cls)
+
+
 def bn_silu(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``silu(bn(x))``, fused on CPU channels_last training inputs (see module docs)."""
     if not fusable(x, bn):
         return F.silu(bn(x))
-    y, mean, var = _FusedBnSilu.apply(x, bn.weight, bn.bias, float(bn.eps))
-    with torch.no_grad():
-        count = x.numel() // x.shape[1]
-        momentum = float(bn.momentum)
-        bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-        bn.running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / max(count - 1, 1))
-        bn.num_batches_tracked.add_(1)
-    return y
+    bn.num_batches_tracked.add_(1)
+    return _FusedBnSilu.apply(x, bn.weight, bn.bias, bn)
