@@ -132,10 +132,8 @@ def _print_rows(label_header: str, ratio_header: str, rows: list[dict],
         ratio = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
         per_round = ""
         if r.get("round_img_per_s"):
-            per_round = f"rounds: {' / '.join(f'{v:.2f}' for v in r['round_img_per_s'])}"
+            text = f"rounds: {' / '.join(f'{v:.2f}' for v in r['round_img_per_s'])}"
             if r.get("round_speedup") and r["config"] != r.get("baseline"):
-                ratios = " / ".join(f"{v:.2f}x" for v in r["round_speedup"])
-                per_round = f"  ({per_round}; ratio by round: {ratios})"
-            else:
-                per_round = f"  ({per_round})"
+                text += f"; ratio by round: {' / '.join(f'{v:.2f}x' for v in r['round_speedup'])}"
+            per_round = f"  ({text})"
         print(f"{label(r)} {r['img_per_s']:8.2f} {ratio:>{width}}{per_round}")
