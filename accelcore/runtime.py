@@ -7,6 +7,11 @@ again. Keeping freed memory in the heap avoids that — in one heap: every threa
 otherwise gets an arena of its own, whose heaps (64 MB at most) cannot hold a batch's
 activations and are trimmed on free, so a model run from any other thread (the predict
 stream's inference thread) paid the page faults again: torch eager at half speed.
+
+The heap is also backed by transparent huge pages where the kernel grants them on request
+(``madvise`` mode): a training step walks ~6 GB of activations, whose address translations miss
+the caches with 4 KiB pages. glibc only asks for huge pages when its tunable is set at start-up,
+so a single run restarts itself once for it (:func:`restart_for_huge_pages`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import glob
 import json
 import logging
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator, Mapping
@@ -194,11 +200,30 @@ def restart_with_allocator(name: str, command: list[str]) -> None:
         raise BackendUnavailable(
             f"train.allocator: {name} was preloaded (LD_PRELOAD={os.environ.get('LD_PRELOAD')}) "
             "but is not mapped into the process")
-    env = {**os.environ, **allocator_env(name), RESTARTED_MARK: "1"}
-    log.info("restarting under %s: %s", name, " ".join(command))
+    _restart(command, {**allocator_env(name), RESTARTED_MARK: "1"}, f"under {name}")
+
+
+def _restart(command: list[str], env: Mapping[str, str], why: str) -> None:
+    """Replace this process by ``command``, its environment updated with ``env``."""
+    log.info("restarting %s: %s", why, " ".join(command))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(command[0], command, env)
+    os.execve(command[0], command, {**os.environ, **env})
+
+
+def restart_for_huge_pages(setup: RuntimeSetup, command_line: list[str] | None) -> None:
+    """Restart this command once under glibc's start-up tuning, huge pages included, where
+    ``setup`` wants the tuned glibc heap and the kernel grants huge pages only on request but
+    this process was started without asking. Only from the command line (``command_line`` = the
+    CLI arguments); a Python caller keeps its process (mallopt still tunes the rest)."""
+    if (command_line is None or setup.allocator != "default" or not setup.malloc_tuning
+            or os.environ.get(RESTARTED_MARK) or _asked_for_huge_pages()
+            or transparent_huge_pages() != "madvise"):
+        return
+    _restart([sys.executable, "-m", "accelcore.cli", *command_line],
+             {**GLIBC_TUNING_ENV, RESTARTED_MARK: "1",
+              "GLIBC_TUNABLES": glibc_tunables(os.environ.get("GLIBC_TUNABLES"), True)},
+             "with the heap on huge pages")
 
 
 def require_allocator(name: str, command_line: list[str] | None) -> None:
@@ -230,8 +255,42 @@ RUNTIME_ENV = "ACCELCORE_RUNTIME"
 #: force from the process's first allocation (a child imports torch before it could call mallopt).
 GLIBC_TUNING_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
                     "MALLOC_TOP_PAD_": str(256 << 20), "MALLOC_ARENA_MAX": "1"}
+#: glibc (2.35+) then madvises its heap for transparent huge pages; older ones ignore it.
+#: Measured on a 2-core Zen 3 (yolox_nano, batch 64, 416 px, fp32 + channels_last): the lean
+#: step's backward 3-6% faster in each of three alternated pairs; torch's own ops unchanged.
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 _REPORTED_ENV = ("LD_PRELOAD", "MALLOC_CONF", "OMP_NUM_THREADS", "KMP_BLOCKTIME",
-                 "KMP_AFFINITY", *GLIBC_TUNING_ENV)
+                 "KMP_AFFINITY", "GLIBC_TUNABLES", *GLIBC_TUNING_ENV)
+
+
+def transparent_huge_pages() -> str:
+    """The kernel's THP mode: "always", "madvise" (only where a process asks), "never", or
+    "unknown" (not Linux, or not readable)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    chosen = re.search(r"\[(\w+)\]", text)
+    return chosen.group(1) if chosen else "unknown"
+
+
+def glibc_tunables(current: str | None, huge_pages: bool) -> str:
+    """``GLIBC_TUNABLES`` as ``current`` has it (the user's own tunables kept), with the heap's
+    huge pages asked for or not."""
+    name = HUGE_PAGES_TUNABLE.split("=")[0]
+    kept = [t for t in (current or "").split(":") if t and t.split("=")[0] != name]
+    return ":".join([*kept, HUGE_PAGES_TUNABLE] if huge_pages else kept)
+
+
+def _asked_for_huge_pages() -> bool:
+    return HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def heap_on_huge_pages() -> bool:
+    """Whether glibc's heap in this process gets transparent huge pages."""
+    mode = transparent_huge_pages()
+    return loaded_allocator() == "default" and (
+        mode == "always" or (mode == "madvise" and _asked_for_huge_pages()))
 
 
 @dataclass(frozen=True)
@@ -264,6 +323,7 @@ class RuntimeSetup:
         env = allocator_env(self.allocator)
         if self.malloc_tuning and self.allocator == "default":
             env.update(GLIBC_TUNING_ENV)
+            env["GLIBC_TUNABLES"] = glibc_tunables(os.environ.get("GLIBC_TUNABLES"), True)
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         env[RUNTIME_ENV] = json.dumps(dataclasses.asdict(self))
@@ -279,8 +339,15 @@ class RuntimeSetup:
         """Export :meth:`env` for the block, for start methods that inherit the environment
         (multiprocessing spawn, Ray's local workers). A stock setup also removes the tuning
         variables this process may carry, so its children really run untuned."""
-        drop = [] if self.malloc_tuning else [*GLIBC_TUNING_ENV, "LD_PRELOAD", "MALLOC_CONF"]
-        return environment(self.env(), drop)
+        values, drop = self.env(), []
+        if not self.malloc_tuning:
+            drop = [*GLIBC_TUNING_ENV, "LD_PRELOAD", "MALLOC_CONF"]
+            rest = glibc_tunables(os.environ.get("GLIBC_TUNABLES"), False)
+            if rest:
+                values["GLIBC_TUNABLES"] = rest
+            else:
+                drop.append("GLIBC_TUNABLES")
+        return environment(values, drop)
 
 
 @contextlib.contextmanager
@@ -346,11 +413,12 @@ def describe_runtime() -> dict[str, Any]:
         affinity = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = []
-    return {"allocator": allocator, "openmp": openmp_runtime(),
-            "threads": torch.get_num_threads(), "affinity": affinity,
+    return {"allocator": allocator, "huge_pages": heap_on_huge_pages(),
+            "openmp": openmp_runtime(), "threads": torch.get_num_threads(), "affinity": affinity,
             "env": {k: os.environ[k] for k in _REPORTED_ENV if k in os.environ}}
 
 
 def runtime_label(info: dict[str, Any]) -> str:
-    """``"glibc (tuned), libgomp, 2 threads"`` — the short form for tables."""
-    return f"{info['allocator']}, {info['openmp']}, {info['threads']} threads"
+    """``"glibc (tuned) + huge pages, libgomp, 2 threads"`` — the short form for tables."""
+    heap = f"{info['allocator']}{' + huge pages' if info.get('huge_pages') else ''}"
+    return f"{heap}, {info['openmp']}, {info['threads']} threads"

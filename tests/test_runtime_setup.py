@@ -16,9 +16,18 @@ from accelcore.runtime import RuntimeSetup
 
 
 def _report(path: str) -> None:
-    """Child body: apply what the parent asked for, then say what is really in force."""
+    """Child body: apply what the parent asked for, then say what is really in force (and how
+    much of a fresh 256 MiB tensor the kernel backed with huge pages)."""
+    import torch
+
     runtime.apply_inherited_setup()
-    Path(path).write_text(json.dumps(runtime.describe_runtime()))
+    block = torch.ones(64 << 20)  # noqa: F841 - held while the kernel is asked
+    huge_kib = 0
+    with open("/proc/self/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("AnonHugePages:"):
+                huge_kib = int(line.split()[1])
+    Path(path).write_text(json.dumps({**runtime.describe_runtime(), "huge_kib": huge_kib}))
 
 
 def _child_runtime(tmp_path: Path, setup: RuntimeSetup) -> dict:
@@ -41,11 +50,52 @@ def test_env_of_the_default_setup_tunes_glibc_and_sizes_threads():
 
 def test_stock_setup_sets_nothing_and_strips_inherited_tuning(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv("GLIBC_TUNABLES", runtime.HUGE_PAGES_TUNABLE)
     stock = RuntimeSetup.stock()
-    assert not any(k.startswith("MALLOC_") for k in stock.env())
+    assert not any(k.startswith(("MALLOC_", "GLIBC_")) for k in stock.env())
     with stock.exported():
-        assert "MALLOC_MMAP_MAX_" not in os.environ
+        assert "MALLOC_MMAP_MAX_" not in os.environ and "GLIBC_TUNABLES" not in os.environ
     assert os.environ["MALLOC_MMAP_MAX_"] == "0"  # restored afterwards
+    monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.cpu.x86_shstk=off:{runtime.HUGE_PAGES_TUNABLE}")
+    with stock.exported():  # the user's own tunables stay, only the huge pages go
+        assert os.environ["GLIBC_TUNABLES"] == "glibc.cpu.x86_shstk=off"
+
+
+def test_the_tuned_setup_asks_for_huge_pages_beside_the_users_own_tunables(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0:glibc.cpu.x86_shstk=off")
+    assert RuntimeSetup().env()["GLIBC_TUNABLES"] == \
+        "glibc.cpu.x86_shstk=off:glibc.malloc.hugetlb=1"
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert RuntimeSetup().env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert "GLIBC_TUNABLES" not in RuntimeSetup(malloc_tuning=False).env()
+
+
+def test_a_single_run_restarts_once_for_huge_pages_only_where_they_are_granted_on_request(
+        monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(runtime.RESTARTED_MARK, raising=False)
+    mode = {"value": "madvise"}
+    monkeypatch.setattr(runtime, "transparent_huge_pages", lambda: mode["value"])
+    runtime.restart_for_huge_pages(RuntimeSetup(), ["run", "r.yaml"])
+    path, command, env = calls.pop()
+    assert command[1:] == ["-m", "accelcore.cli", "run", "r.yaml"]
+    assert env["GLIBC_TUNABLES"] == runtime.HUGE_PAGES_TUNABLE
+    assert env["MALLOC_MMAP_MAX_"] == "0" and env[runtime.RESTARTED_MARK] == "1"
+    runtime.restart_for_huge_pages(RuntimeSetup(), None)  # Python callers keep their process
+    runtime.restart_for_huge_pages(RuntimeSetup.stock(), ["run", "r.yaml"])
+    runtime.restart_for_huge_pages(RuntimeSetup(allocator="jemalloc"), ["run", "r.yaml"])
+    for value in ("always", "never", "unknown"):  # granted anyway, or not at all
+        mode["value"] = value
+        runtime.restart_for_huge_pages(RuntimeSetup(), ["run", "r.yaml"])
+    mode["value"] = "madvise"
+    with monkeypatch.context() as m:
+        m.setenv(runtime.RESTARTED_MARK, "1")  # never twice
+        runtime.restart_for_huge_pages(RuntimeSetup(), ["run", "r.yaml"])
+    monkeypatch.setenv("GLIBC_TUNABLES", runtime.HUGE_PAGES_TUNABLE)  # started with it
+    runtime.restart_for_huge_pages(RuntimeSetup(), ["run", "r.yaml"])
+    assert calls == []
 
 
 def test_exported_restores_the_environment(monkeypatch):
@@ -69,14 +119,21 @@ def test_a_tuned_child_reports_the_tuning_and_its_threads(tmp_path):
     assert info["threads"] == 1
     assert info["env"]["MALLOC_MMAP_MAX_"] == "0"
     assert info["openmp"] != "unknown"
+    granted = runtime.transparent_huge_pages() in ("always", "madvise")
+    assert info["huge_pages"] == granted
+    libc = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None
+    if granted and libc and tuple(map(int, libc.split()[1].split(".")[:2])) >= (2, 35):
+        assert info["huge_kib"] > 0  # the kernel really backed the heap with huge pages
 
 
 def test_a_stock_child_runs_untuned_even_under_a_tuned_parent(tmp_path, monkeypatch):
     for key, value in runtime.GLIBC_TUNING_ENV.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GLIBC_TUNABLES", runtime.HUGE_PAGES_TUNABLE)
     info = _child_runtime(tmp_path, RuntimeSetup.stock())
     assert info["allocator"] == "glibc (stock)"
-    assert "MALLOC_MMAP_MAX_" not in info["env"]
+    assert "MALLOC_MMAP_MAX_" not in info["env"] and "GLIBC_TUNABLES" not in info["env"]
+    assert not info["huge_pages"] or runtime.transparent_huge_pages() == "always"
 
 
 @pytest.mark.slow

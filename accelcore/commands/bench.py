@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handle_train(args: argparse.Namespace) -> int:
     from accelcore.config import load_recipe
-    from accelcore.runtime import require_allocator
+    from accelcore.runtime import RuntimeSetup, require_allocator, restart_for_huge_pages
     from accelcore.training.bench import bench_train, profile_train
 
     recipe = load_recipe(args.recipe, [*args.overrides, "train.quiet=true"])
@@ -79,6 +79,8 @@ def handle_train(args: argparse.Namespace) -> int:
     if args.num_processes:
         return _handle_processes(args, recipe)
     require_allocator(cfg.allocator, getattr(args, "command_line", None))
+    # Its children get the setup's environment; this process runs --in-process and --profile.
+    restart_for_huge_pages(RuntimeSetup.from_recipe(recipe), getattr(args, "command_line", None))
     rows = bench_train(recipe, args.configs, args.modes, args.iters, args.warmup,
                        isolate=not args.in_process, rounds=args.rounds, baseline=args.baseline)
     baseline = rows[0]["baseline"] if rows else "stock"

@@ -29,7 +29,7 @@ def diagnose(recipe: Any, plugins: list[str]) -> dict[str, Any]:
     from accelcore.inference.auto import choose_methods
     from accelcore.machine import bf16_engine, int8_engine, machine_info
     from accelcore.plugins import get_plugin_manager
-    from accelcore.runtime import RuntimeSetup, describe_runtime
+    from accelcore.runtime import RuntimeSetup, describe_runtime, transparent_huge_pages
     from accelcore.training.auto_precision import resolve_precision
 
     pm = get_plugin_manager([*recipe.plugins, *plugins])
@@ -38,11 +38,16 @@ def diagnose(recipe: Any, plugins: list[str]) -> dict[str, Any]:
     info = machine_info()
     choice = resolve_precision("auto", True)
     methods = choose_methods(pm)
+    thp = transparent_huge_pages()
     return {
         "machine": info,
         "engines": {"bf16": bf16_engine(), "int8": int8_engine()},
         "runtime_setup": {"allocator": setup.allocator, "malloc_tuning": setup.malloc_tuning,
                           "threads": setup.threads},
+        # what a run gets (a single run restarts itself for it; workers start with it)
+        "heap_huge_pages": {"kernel_mode": thp, "runs_get_them": (
+            setup.allocator == "default" and setup.malloc_tuning
+            and thp in ("always", "madvise"))},
         "runtime": describe_runtime(),
         "train_precision_auto": {"precision": choice.precision,
                                  "channels_last": choice.channels_last, "reason": choice.reason},
@@ -72,6 +77,9 @@ def handle(args: argparse.Namespace) -> int:
     affinity = ",".join(map(str, rt["affinity"])) or "?"
     print(f"runtime    allocator {rt['allocator']}, OpenMP {rt['openmp']}, {rt['threads']} "
           f"thread(s), cores {affinity}")
+    huge = report["heap_huge_pages"]
+    print(f"           heap on huge pages in runs: {'yes' if huge['runs_get_them'] else 'no'} "
+          f"(kernel THP mode: {huge['kernel_mode']})")
     if rt["env"]:
         print("           " + " ".join(f"{k}={v}" for k, v in rt["env"].items()))
     tp = report["train_precision_auto"]

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from accelcore.pipeline import run_recipe
-    from accelcore.runtime import require_allocator
+    from accelcore.runtime import RuntimeSetup, require_allocator, restart_for_huge_pages
 
     overrides = list(args.overrides)
     if args.quiet:
@@ -38,8 +38,10 @@ def handle(args: argparse.Namespace) -> int:
 
         raise RecipeError("--resume continues in the given run folder; do not combine with --out")
     if "train" in recipe.stages and recipe.train.strategy == "single":
-        # Multi-process strategies preload it into their workers themselves.
-        require_allocator(recipe.train.allocator, getattr(args, "command_line", None))
+        # Multi-process strategies start their workers under the setup themselves.
+        command_line = getattr(args, "command_line", None)
+        require_allocator(recipe.train.allocator, command_line)
+        restart_for_huge_pages(RuntimeSetup.from_recipe(recipe), command_line)
     results = run_recipe(recipe, out=args.out, resume=args.resume)
     print(f"accelcore: done in {results['wall_s']:.1f} s -> {results['run_dir']}")
     return 0
