@@ -73,14 +73,16 @@ def handle_train(args: argparse.Namespace) -> int:
     if not args.configs:
         raise RecipeError("--configs: give at least one configuration")
     cfg = recipe.train
+    if not args.num_processes:  # before anything is printed: these may restart the command
+        require_allocator(cfg.allocator, getattr(args, "command_line", None))
+        # Children get the setup's environment; this process runs --in-process and --profile.
+        restart_for_huge_pages(RuntimeSetup.from_recipe(recipe),
+                               getattr(args, "command_line", None))
     print(f"bench train: {recipe.model.name or 'default model'}, batch {cfg.batch_size}, input "
           f"{recipe.model.input_size or 'model default'}, threads {cfg.threads or 'default'}, "
           f"{args.iters} timed + {args.warmup} warm-up iterations")
     if args.num_processes:
         return _handle_processes(args, recipe)
-    require_allocator(cfg.allocator, getattr(args, "command_line", None))
-    # Its children get the setup's environment; this process runs --in-process and --profile.
-    restart_for_huge_pages(RuntimeSetup.from_recipe(recipe), getattr(args, "command_line", None))
     rows = bench_train(recipe, args.configs, args.modes, args.iters, args.warmup,
                        isolate=not args.in_process, rounds=args.rounds, baseline=args.baseline)
     baseline = rows[0]["baseline"] if rows else "stock"
