@@ -221,9 +221,14 @@ def restart_for_huge_pages(setup: RuntimeSetup, command_line: list[str] | None) 
             or transparent_huge_pages() != "madvise"):
         return
     _restart([sys.executable, "-m", "accelcore.cli", *command_line],
-             {**GLIBC_TUNING_ENV, RESTARTED_MARK: "1",
-              "GLIBC_TUNABLES": glibc_tunables(os.environ.get("GLIBC_TUNABLES"), True)},
-             "with the heap on huge pages")
+             {**_glibc_start_env(), RESTARTED_MARK: "1"}, "with the heap on huge pages")
+
+
+def require_process_setup(setup: RuntimeSetup, command_line: list[str] | None) -> None:
+    """Before a single-process job: restart the command under ``setup``'s allocator, or for the
+    huge pages of its tuned glibc heap, where this process lacks them (see the two above)."""
+    require_allocator(setup.allocator, command_line)
+    restart_for_huge_pages(setup, command_line)
 
 
 def require_allocator(name: str, command_line: list[str] | None) -> None:
@@ -282,6 +287,12 @@ def glibc_tunables(current: str | None, huge_pages: bool) -> str:
     return ":".join([*kept, HUGE_PAGES_TUNABLE] if huge_pages else kept)
 
 
+def _glibc_start_env() -> dict[str, str]:
+    """The environment that tunes glibc from a new process's first allocation."""
+    return {**GLIBC_TUNING_ENV,
+            "GLIBC_TUNABLES": glibc_tunables(os.environ.get("GLIBC_TUNABLES"), True)}
+
+
 def _asked_for_huge_pages() -> bool:
     return HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
 
@@ -322,8 +333,7 @@ class RuntimeSetup:
         """Environment that makes a *new* process start under this setup (and apply it)."""
         env = allocator_env(self.allocator)
         if self.malloc_tuning and self.allocator == "default":
-            env.update(GLIBC_TUNING_ENV)
-            env["GLIBC_TUNABLES"] = glibc_tunables(os.environ.get("GLIBC_TUNABLES"), True)
+            env.update(_glibc_start_env())
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         env[RUNTIME_ENV] = json.dumps(dataclasses.asdict(self))

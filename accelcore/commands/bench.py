@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handle_train(args: argparse.Namespace) -> int:
     from accelcore.config import load_recipe
-    from accelcore.runtime import RuntimeSetup, require_allocator, restart_for_huge_pages
+    from accelcore.runtime import RuntimeSetup, require_process_setup
     from accelcore.training.bench import bench_train, profile_train
 
     recipe = load_recipe(args.recipe, [*args.overrides, "train.quiet=true"])
@@ -73,11 +73,9 @@ def handle_train(args: argparse.Namespace) -> int:
     if not args.configs:
         raise RecipeError("--configs: give at least one configuration")
     cfg = recipe.train
-    if not args.num_processes:  # before anything is printed: these may restart the command
-        require_allocator(cfg.allocator, getattr(args, "command_line", None))
+    if not args.num_processes:  # before anything is printed: it may restart the command
         # Children get the setup's environment; this process runs --in-process and --profile.
-        restart_for_huge_pages(RuntimeSetup.from_recipe(recipe),
-                               getattr(args, "command_line", None))
+        require_process_setup(RuntimeSetup.from_recipe(recipe), getattr(args, "command_line", None))
     print(f"bench train: {recipe.model.name or 'default model'}, batch {cfg.batch_size}, input "
           f"{recipe.model.input_size or 'model default'}, threads {cfg.threads or 'default'}, "
           f"{args.iters} timed + {args.warmup} warm-up iterations")

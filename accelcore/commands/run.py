@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from accelcore.pipeline import run_recipe
-    from accelcore.runtime import RuntimeSetup, require_allocator, restart_for_huge_pages
+    from accelcore.runtime import RuntimeSetup, require_process_setup
 
     overrides = list(args.overrides)
     if args.quiet:
@@ -39,9 +39,7 @@ def handle(args: argparse.Namespace) -> int:
         raise RecipeError("--resume continues in the given run folder; do not combine with --out")
     if "train" in recipe.stages and recipe.train.strategy == "single":
         # Multi-process strategies start their workers under the setup themselves.
-        command_line = getattr(args, "command_line", None)
-        require_allocator(recipe.train.allocator, command_line)
-        restart_for_huge_pages(RuntimeSetup.from_recipe(recipe), command_line)
+        require_process_setup(RuntimeSetup.from_recipe(recipe), getattr(args, "command_line", None))
     results = run_recipe(recipe, out=args.out, resume=args.resume)
     print(f"accelcore: done in {results['wall_s']:.1f} s -> {results['run_dir']}")
     return 0
