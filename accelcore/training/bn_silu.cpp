@@ -18,7 +18,7 @@
 #include <type_traits>  // std::integral_constant
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if (defined(__AVX2__) && defined(__FMA__)) || (defined(__AVX512F__) && defined(__AVX512BF16__))
 #include <immintrin.h>
 #endif
 
@@ -179,6 +179,76 @@ inline void input_grad_tile(const T* __restrict__ in, T* __restrict__ io,
     store(io + j, kdz[j] * to_float(io[j]) - koff[j] - kx[j] * (v - m[j]));
   }
 }
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// float32 on CPUs with AVX2 + FMA and no AVX-512 (Zen 3, Haswell to Alder Lake): there `auto`
+// trains in float32, and the sigmoid's arithmetic is a large part of BN+SiLU. Timed on a 2-core
+// Zen 3 with a tile in L1, the compiler's loop above took ~13 cycles a vector: the reciprocal as
+// rcp + Newton step (what -ffast-math makes of a division; the build passes -mno-recip here) cost
+// more than one vdivps, and the clamp, floor, conversion and exponent bias ~4 more. This one
+// takes ~9.5; BN+SiLU forward + backward on yolox_nano's batch-64 shapes: 118 -> 99 ms. Same
+// accuracy against float64 (the tests check). AVX-512 CPUs keep the loops they were measured
+// with (on them `auto` trains in bfloat16 where it is native).
+namespace f32x8 {
+
+inline __m256 f(float v) { return _mm256_set1_ps(v); }
+
+// 1 + e^-z. z is clamped to +-87 (where e^-z stays a normal float; the sigmoid is then 0 or 1
+// to float precision). n = round(-z / ln2) comes from adding 1.5 * 2^23 + 127: the sum's low
+// mantissa bits are then n + 127, which shifted by 23 are the bits of 2^n, so the rounding,
+// the conversion and the exponent bias cost one add and one shift. e^r as exp_inline does.
+inline __m256 one_plus_exp_neg(__m256 z) {
+  const __m256 magic = f(12582912.f + 127.f);
+  z = _mm256_min_ps(_mm256_max_ps(z, f(-87.f)), f(87.f));
+  const __m256 t = _mm256_fmadd_ps(z, f(-1.44269504f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  __m256 r = _mm256_fnmsub_ps(n, f(0.693359375f), z);  // -z - n * ln2 (ln2 split in two)
+  r = _mm256_fmadd_ps(n, f(2.12194440e-4f), r);
+  __m256 p = _mm256_fmadd_ps(f(8.29765e-3f), r, f(4.191538e-2f));
+  p = _mm256_fmadd_ps(p, r, f(1.6667575e-1f));
+  p = _mm256_fmadd_ps(p, r, f(4.9998894e-1f));
+  p = _mm256_fmadd_ps(p, r, f(9.999997e-1f));
+  p = _mm256_fmadd_ps(p, r, f(1.0000001f));
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+  return _mm256_fmadd_ps(p, two_n, f(1.f));
+}
+
+}  // namespace f32x8
+
+inline void silu_tile(const float* __restrict__ in, const float* __restrict__ k,
+                      const float* __restrict__ d, float* __restrict__ out, int64_t n,
+                      int64_t channels) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 z = _mm256_fmadd_ps(_mm256_loadu_ps(in + j), _mm256_loadu_ps(k + j),
+                                     _mm256_loadu_ps(d + j));
+    _mm256_storeu_ps(out + j, _mm256_div_ps(z, f32x8::one_plus_exp_neg(z)));
+  }
+  silu_tile<float>(in + j, k + j, d + j, out + j, n - j, channels);
+}
+
+inline void silu_grad_tile(const float* __restrict__ in, const float* __restrict__ g,
+                           const float* __restrict__ k, const float* __restrict__ d,
+                           const float* __restrict__ m, float* __restrict__ out,
+                           float* __restrict__ sdz, float* __restrict__ sdzx, int64_t n,
+                           int64_t channels) {
+  const __m256 one = f32x8::f(1.f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(in + j);
+    const __m256 z = _mm256_fmadd_ps(v, _mm256_loadu_ps(k + j), _mm256_loadu_ps(d + j));
+    const __m256 s = _mm256_div_ps(one, f32x8::one_plus_exp_neg(z));
+    const __m256 dz = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(g + j), s),
+                                    _mm256_fmadd_ps(z, _mm256_sub_ps(one, s), one));
+    _mm256_storeu_ps(out + j, dz);
+    _mm256_storeu_ps(sdz + j, _mm256_add_ps(_mm256_loadu_ps(sdz + j), dz));
+    _mm256_storeu_ps(sdzx + j, _mm256_fmadd_ps(dz, _mm256_sub_ps(v, _mm256_loadu_ps(m + j)),
+                                               _mm256_loadu_ps(sdzx + j)));
+  }
+  silu_grad_tile<float>(in + j, g + j, k + j, d + j, m + j, out + j, sdz + j, sdzx + j, n - j,
+                        channels);
+}
+#endif  // AVX2 + FMA, no AVX-512
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 // bfloat16 on a CPU with AVX512-BF16 (Zen 4, Sapphire Rapids and later). Why: the generic loops
