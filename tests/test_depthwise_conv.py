@@ -143,8 +143,9 @@ def test_subsampling_hands_the_convolution_a_channels_last_gradient():
     torch.testing.assert_close(got, want)
 
 
-needs_kernel = pytest.mark.skipif(depthwise_conv.kernel() is None,
-                                  reason="gradient kernels: AVX-512 CPUs with a compiler")
+needs_kernel = pytest.mark.skipif(
+    depthwise_conv.kernel() is None,
+    reason="gradient kernels: CPUs with AVX-512 or AVX2 + FMA, and a compiler")
 
 
 @needs_kernel
