@@ -44,7 +44,7 @@ inline void store(uint16_t* p, Vec v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
 }
-#else
+#elif defined(__AVX2__) && defined(__FMA__)
 // AVX2: a vector of 16 channels is two 8-lane halves, so each pair of loads uses a whole
 // 64-byte line (pixels are a row of channels apart). On a 2-core Zen 3, yolox_nano's batch-64
 // weight gradients took 0.83x oneDNN's time with 8-channel blocks, 0.73x with these. A tap
@@ -83,6 +83,8 @@ inline void store(uint16_t* p, Vec v) {
   store8(p, v.lo);
   store8(p + 8, v.hi);
 }
+#else
+#error "depthwise3x3.cpp needs AVX-512, or AVX2 + FMA"
 #endif
 
 constexpr int64_t kRowsPerGroup = 4;    // rows of grad_y sharing one pass over the channel blocks
