@@ -3,7 +3,8 @@
 A form is another way to compute the same ``conv(x)`` — output, input and weight gradients —
 with a different split of work between oneDNN and the project's kernels:
 :mod:`~accelcore.training.depthwise_conv` has the depthwise ones,
-:mod:`~accelcore.training.dense_conv` the dense ones. Which wins depends on the CPU, the dtype
+:mod:`~accelcore.training.dense_conv` the dense ones, :mod:`~accelcore.training.pointwise_conv`
+the 1x1 ones in bfloat16 on AMX. Which wins depends on the CPU, the dtype
 and the shape, so :func:`conv2d` times every form that applies, forward + backward, the first
 time it sees a shape, and remembers the winner for the process. Where no form but the module's
 own applies (eval, NCHW, under ``torch.compile``, switched off), it is exactly ``conv(x)``.
@@ -51,12 +52,17 @@ def trains_here(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 def forms(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, Form]:
     """The exact forms of ``conv(x)`` to choose from; just ``{"onednn": ...}`` where nothing
     else applies."""
-    from accelcore.training import dense_conv, depthwise_conv  # both build on this module
+    from accelcore.training import (  # they build on this module
+        dense_conv,
+        depthwise_conv,
+        pointwise_conv,
+    )
 
     found: dict[str, Form] = {"onednn": _module_form}
     if trains_here(conv, x):
         found |= depthwise_conv.forms(conv, x)
         found |= dense_conv.forms(conv, x)
+        found |= pointwise_conv.forms(conv, x)
     return found
 
 
