@@ -278,6 +278,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("usable", &amx_permitted, "whether this process may use AMX (Linux grants it on request)");
   m.def("backward", &backward,
         "input gradient (bf16) and float32 weight gradient of a 1x1 convolution, channels_last "
         "bfloat16, AMX",

@@ -33,9 +33,12 @@ SWITCH_ENV = "ACCELCORE_AMX_1X1"
 
 
 def kernel() -> Any | None:
-    """The backward kernel (CPUs with AMX-BF16; None elsewhere or if it cannot be built)."""
-    flags = real_cpu_flags()
-    return native.build("pointwise_amx") if {"amx_bf16", "amx_tile"} <= flags else None
+    """The backward kernel (CPUs with AMX-BF16 whose OS lets the process use it; None elsewhere
+    or if it cannot be built)."""
+    if not {"amx_bf16", "amx_tile"} <= real_cpu_flags():
+        return None
+    built = native.build("pointwise_amx")
+    return built if built is not None and built.usable() else None
 
 
 def _fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
