@@ -90,18 +90,8 @@ def test_kernel_form_offered_only_where_it_fits(monkeypatch):
 
 
 @needs_kernel
-def test_yolox_stem_and_pointwise_convs_are_offered_the_kernel(monkeypatch):
-    from accelcore import registry
-    from accelcore.plugins import get_plugin_manager
-
-    get_plugin_manager()
-    offered = []
-    real = conv_forms.conv2d
-    monkeypatch.setattr(conv_forms, "conv2d", lambda conv, x: offered.append(
-        (conv, "weight_grad_kernel" in conv_forms.forms(conv, x))) or real(conv, x))
-    model = registry.create_model("yolox_nano", num_classes=3).train().to(memory_format=CL)
-    images = (torch.rand(2, 3, 64, 64) * 255).contiguous(memory_format=CL)
-    model(images, torch.zeros(2, 4, 5))["total_loss"].backward()
+def test_yolox_stem_and_pointwise_convs_are_offered_the_kernel(yolox_conv_offers):
+    model, offered = yolox_conv_offers("weight_grad_kernel")
     with_kernel = {id(conv) for conv, yes in offered if yes}
     stem = model.backbone.backbone.stem.conv.conv
     assert id(stem) in with_kernel

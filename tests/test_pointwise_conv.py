@@ -94,20 +94,8 @@ def test_kernel_form_offered_only_where_it_fits(monkeypatch):
 
 
 @needs_kernel
-def test_yolox_pointwise_convs_are_offered_the_kernel_in_bf16(monkeypatch):
-    from accelcore import registry
-    from accelcore.plugins import get_plugin_manager
-
-    get_plugin_manager()
-    offered = []
-    real = conv_forms.conv2d
-    monkeypatch.setattr(conv_forms, "conv2d", lambda conv, x: offered.append(
-        (conv, "amx_backward" in conv_forms.forms(conv, x))) or real(conv, x))
-    model = registry.create_model("yolox_nano", num_classes=3).train().to(memory_format=CL)
-    images = (torch.rand(2, 3, 64, 64) * 255).contiguous(memory_format=CL)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = model(images, torch.zeros(2, 4, 5))
-    losses["total_loss"].backward()
+def test_yolox_pointwise_convs_are_offered_the_kernel_in_bf16(yolox_conv_offers):
+    _, offered = yolox_conv_offers("amx_backward", torch.bfloat16)
     pointwise = [conv for conv, _ in offered if conv.kernel_size == (1, 1)]
     assert pointwise and all(yes for conv, yes in offered if conv.kernel_size == (1, 1))
     assert all(m.weight.grad is not None and torch.isfinite(m.weight.grad).all()

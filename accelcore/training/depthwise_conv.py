@@ -138,7 +138,8 @@ class _KernelGrad(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             if stride == 1:  # the forward convolution of grad with the kernel flipped
-                grad_x = F.conv2d(grad, wc.flip((2, 3)), None, 1, 1, 1, wc.shape[0])
+                with torch.autocast("cpu", enabled=False):
+                    grad_x = F.conv2d(grad, wc.flip((2, 3)), None, 1, 1, 1, wc.shape[0])
             else:
                 grad_x = kernel().input_grad_s2(grad, wc, list(xc.shape))
             grad_x = grad_x.to(x_dtype)
