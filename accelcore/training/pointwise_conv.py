@@ -16,6 +16,7 @@ wins; ``ACCELCORE_AMX_1X1=0`` switches it off.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 SWITCH_ENV = "ACCELCORE_AMX_1X1"
 
 
+@functools.cache
 def kernel() -> Any | None:
     """The backward kernel (CPUs with AMX-BF16 whose OS lets the process use it; None elsewhere
     or if it cannot be built)."""
