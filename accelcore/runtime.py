@@ -62,9 +62,16 @@ def configure_threads(n: int | None, interop: int | None = None) -> int:
     return torch.get_num_threads()
 
 
-#: How much lower the scheduling priority of input work (training loader workers, the streaming
-#: predictor's decode threads) is than the compute's: see :func:`lower_priority`.
+#: How much lower the scheduling priority of the streaming predictor's decode threads is than
+#: the compute's: see :func:`lower_priority`.
 INPUT_NICE = 10
+#: The same for training loader workers: as low as a nice value goes. Measured on a 2-core
+#: Sapphire Rapids (bf16 step ~1.3 s, augmentation ~110 ms of CPU a batch of 64; medians of
+#: 24 steps, same-process e2e / compute): nice 10 0.80-0.99 (5 runs), nice 19 1.00-1.04 (3),
+#: SCHED_IDLE 0.85-1.05 (5). At 10 the workers still took slices mid-step, each stalling both
+#: of the step's threads; at 19 they run almost only while the step waits for its batch, on
+#: both cores.
+LOADER_NICE = 19
 
 
 def lower_priority(nice: int = INPUT_NICE) -> None:

@@ -13,13 +13,18 @@ import numpy as np
 import pytest
 import torch
 
+from accelcore.data import augment
 from accelcore.data.augment import (
     TrainTransform,
+    affine_matrix,
     augment_hsv,
     cxcywh_to_xyxy,
+    hsv_jitter_opencv,
     mixup,
     random_affine,
     random_flip,
+    source_window,
+    warp_affine,
 )
 from accelcore.data.mosaic import MosaicDetection, build_mosaic
 from accelcore.data.multiscale import multiscale_size, resize_batch
@@ -303,6 +308,71 @@ def test_hsv_equals_the_int16_reference_for_every_gain_pattern() -> None:
         out = augment_hsv(img, rng=np.random.default_rng(seed))
         assert np.array_equal(out, reference(img, np.random.default_rng(seed))), seed
     assert len(patterns) == 8  # every on/off combination of H, S, V, all-off included
+
+
+def test_hsv_kernel_gives_opencvs_pixels_for_every_colour() -> None:
+    kernel = augment.hsv_kernel()
+    if kernel is None:
+        pytest.skip("the HSV kernel cannot be built or does not reproduce this OpenCV here")
+    code = np.arange(1 << 24, dtype=np.uint32)
+    colours = np.stack([code >> 16, (code >> 8) & 255, code & 255], -1).astype(np.uint8)
+    # Rows as wide as a training image: OpenCV's vector body and scalar row tail both occur.
+    width = 416
+    image = colours[: len(colours) // width * width].reshape(-1, width, 3)
+    for gains in [(0, 0, 0), (4, -29, 13), (-4, 17, -29), (2, 0, 0), (0, 0, -7), (179, 255, 255)]:
+        assert np.array_equal(kernel(image, *gains), hsv_jitter_opencv(image, gains)), gains
+    odd = colours[::977][: 33 * 61].reshape(33, 61, 3)  # narrower than a vector: all tail
+    assert np.array_equal(kernel(odd, 3, 5, -5), hsv_jitter_opencv(odd, (3, 5, -5)))
+
+
+def test_hsv_kernel_is_only_used_where_it_matches_opencv(monkeypatch, caplog) -> None:
+    img = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    expected = augment_hsv(img, rng=np.random.default_rng(4))
+    for how in ("switched off", "differs"):
+        augment.hsv_kernel.cache_clear()
+        with monkeypatch.context() as patch:
+            if how == "switched off":
+                patch.setenv(augment.NATIVE_HSV_ENV, "0")
+            else:  # an OpenCV whose arithmetic the kernel does not reproduce
+                patch.setattr(augment, "hsv_jitter_opencv",
+                              lambda im, gains: hsv_jitter_opencv(im, gains) ^ 1)
+            assert augment.hsv_kernel() is None
+        assert np.array_equal(augment_hsv(img, rng=np.random.default_rng(4)), expected)
+    assert "does not reproduce OpenCV" in caplog.text
+    augment.hsv_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("scale", [(0.1, 2.0), (0.5, 1.5), (1.4, 1.6)])
+def test_mosaic_filled_only_where_the_warp_reads_gives_the_same_pixels(scale) -> None:
+    ds = TinyDataset(8, seed=3)
+    hw = (96, 128)
+    wrap = MosaicDetection(ds, hw, mosaic_prob=1.0, hsv_prob=0.0, flip_prob=0.0,
+                           enable_mixup=False, mosaic_scale=scale, degrees=10, shear=2)
+    for seed in range(25):
+        image, targets, _, _ = wrap[(seed % 8, seed)]
+        # The same draws, the whole canvas built and warped.
+        rng = np.random.default_rng(seed)
+        rng.random()
+        yc, xc = int(rng.uniform(0.5 * hw[0], 1.5 * hw[0])), int(rng.uniform(0.5 * hw[1],
+                                                                              1.5 * hw[1]))
+        indices = [seed % 8] + [int(i) for i in rng.integers(0, 8, 3)]
+        items = [ds.pull_item(i)[:2] for i in indices]
+        canvas, boxes = build_mosaic(items, hw, xc, yc)
+        full, full_boxes = random_affine(canvas, boxes, hw, 10, 0.1, scale, 2, rng=rng)
+        assert np.array_equal(image, full), seed
+        assert len(targets[targets[:, 3] > 0]) == len(full_boxes), seed
+
+
+def test_source_window_covers_what_the_warp_reads() -> None:
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (200, 240, 3), dtype=np.uint8)
+    for _ in range(40):
+        m, s = affine_matrix(src.shape[:2], (100, 120), 10, 0.1, (0.3, 2.0), 2, rng)
+        x1, y1, x2, y2 = source_window(m, (100, 120), src.shape[:2])
+        masked = np.full_like(src, 7)
+        masked[y1:y2, x1:x2] = src[y1:y2, x1:x2]  # anything outside the window is replaced
+        assert np.array_equal(warp_affine(masked, np.zeros((0, 5)), m, s, (100, 120))[0],
+                              warp_affine(src, np.zeros((0, 5)), m, s, (100, 120))[0])
 
 
 def test_multiscale_deterministic_and_in_range() -> None:

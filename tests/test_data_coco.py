@@ -93,8 +93,13 @@ def test_cache_returns_same_items_and_protects_cache(small: Path) -> None:
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[1], b[1])
     img = cached[0][0]
-    img[:] = 255  # in-place augmentation must not leak into the cache
-    assert int(cached[0][0][0, 0, 0]) == 1
+    # Handed out without a copy, read-only: an in-place write fails instead of altering it.
+    with pytest.raises(ValueError, match="read-only"):
+        img[:] = 255
+    assert int(cached[0][0][0, 0, 0]) == 1 and cached[0][0] is img
+    fresh = plain[0][0]
+    fresh[:] = 255  # a decoded (uncached) image is the caller's own
+    assert int(plain[0][0][0, 0, 0]) == 1
 
 
 def test_auto_cache_decides_by_the_memory_available(small: Path, monkeypatch) -> None:

@@ -126,6 +126,58 @@ def test_train_loader_shapes_and_worker_independence() -> None:
         del multi
 
 
+class RecordingDataset(IndexDataset):
+    """Appends every image index a (worker) process pulls to a file."""
+
+    def __init__(self, n: int, log: str) -> None:
+        super().__init__(n)
+        self.log = log
+
+    def pull_item(self, i: int):
+        with open(self.log, "a") as f:
+            f.write(f"{i}\n")
+        return super().pull_item(i)
+
+
+def test_workers_run_on_into_the_next_epoch_and_resume_without_making_skipped_batches(
+        tmp_path) -> None:
+    import time
+
+    log = tmp_path / "pulls.txt"
+
+    def wrap(dataset):
+        return MosaicDetection(dataset, (64, 64), mosaic=False, max_labels=10)
+
+    loader = build_train_loader(wrap(RecordingDataset(16, str(log))), 4, num_workers=1,
+                                seed=3, epochs=3)
+    reference = build_train_loader(wrap(IndexDataset(16)), 4, num_workers=0, seed=3)
+    try:
+        for epoch in range(3):
+            got = collect(loader, epoch)
+            time.sleep(1.0)  # time for the worker to run ahead, if it does
+            pulled = len(log.read_text().split())
+            # Epoch 0 and 1: the worker already made (prefetch_factor 2) batches of the next
+            # epoch; after the run's last epoch it stops.
+            assert pulled == 16 * (epoch + 1) + (8 if epoch < 2 else 0), (epoch, pulled)
+            for (x, t), (y, u) in zip(got, collect(reference, epoch), strict=True):
+                assert torch.equal(x, y) and torch.equal(t, u)
+        # A resumed run: epoch 1 from its third batch, the first two never made.
+        log.write_text("")
+        loader.set_epoch(1)
+        loader.set_start_batch(2)
+        got = list(loader)
+        want = collect(reference, 1)[2:]
+        assert len(got) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(got, want,
+                                                                               strict=True))
+        time.sleep(0.5)
+        pulled = [int(v) for v in log.read_text().split()]
+        # Batches 2-3 of epoch 1 and, run ahead, 0-1 of epoch 2: none of batches 0-1 made.
+        assert pulled[:8] == [int(i) for i in loader.sampler.indices(1)[8:]]
+        assert len(pulled) == 16
+    finally:
+        del loader
+
+
 def test_ranks_get_disjoint_data() -> None:
     ds = IndexDataset(16)
     wrap = MosaicDetection(ds, (64, 64), mosaic=False, hsv_prob=0.0, flip_prob=0.0,
@@ -213,13 +265,13 @@ class PriorityDataset(IndexDataset):
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="per-thread nice values are a Linux property")
 def test_loader_workers_yield_the_cores_to_the_step() -> None:
-    """Worker processes run INPUT_NICE lower than the training step; the step keeps its own."""
-    from accelcore.runtime import INPUT_NICE
+    """Worker processes run LOADER_NICE lower than the training step; the step keeps its own."""
+    from accelcore.runtime import LOADER_NICE
 
     main_nice = os.getpriority(os.PRIO_PROCESS, 0)
     wrap = MosaicDetection(PriorityDataset(8), (64, 64), mosaic=False, enable_mixup=False,
                            max_labels=10, flip_prob=0.0, hsv_prob=0.0)
-    for workers, expected in ((2, min(19, main_nice + INPUT_NICE)), (0, main_nice)):
+    for workers, expected in ((2, min(19, main_nice + LOADER_NICE)), (0, main_nice)):
         loader = build_train_loader(wrap, batch_size=4, num_workers=workers, seed=1)
         images = torch.cat([images for images, _ in collect(loader, 0)])
         # The stamped pixel went through letterbox (top-left stays put) and HWC -> CHW.

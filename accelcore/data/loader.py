@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from accelcore.data.preprocess import letterbox
 from accelcore.errors import DataError
-from accelcore.runtime import INPUT_NICE, lower_priority
+from accelcore.runtime import LOADER_NICE, lower_priority
 
 
 def _mix(*values: int) -> int:
@@ -78,12 +78,11 @@ class EpochBatchSampler:
             return self.size // self.world_size
         return math.ceil(self.size / self.world_size)
 
-    def indices(self) -> np.ndarray:
-        """This rank's dataset indices for the current epoch, in order."""
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's dataset indices for ``epoch`` (default: the current one), in order."""
+        epoch = self.epoch if epoch is None else int(epoch)
         if self.shuffle:
-            order = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch]).permutation(
-                self.size
-            )
+            order = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch]).permutation(self.size)
         else:
             order = np.arange(self.size)
         total = self._per_rank() * self.world_size
@@ -100,8 +99,12 @@ class EpochBatchSampler:
         return bool(flag) and self.mosaic
 
     def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
-        idx = self.indices()
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, self.rank, 0xA06])
+        return self.epoch_batches(self.epoch)
+
+    def epoch_batches(self, epoch: int) -> Iterator[list[tuple[int, int, bool]]]:
+        """The batches of ``epoch`` (the mosaic flag as it stands when this is called)."""
+        idx = self.indices(epoch)
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, self.rank, 0xA06])
         seeds = rng.integers(0, 2**63 - 1, size=len(idx), dtype=np.int64)
         mosaic = self._mosaic_flag()
         for b in range(len(self)):
@@ -135,29 +138,47 @@ def collate_train(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     8-bit HWC items (what ``MosaicDetection`` gives) stack to ``uint8 [B, H, W, 3]``: a worker
     then hands the training process a quarter of the bytes of a float batch, and
     :func:`network_input` makes the float input there in one pass. Items of any other dtype are
-    taken as CHW images and stack to ``float32 [B, 3, H, W]``.
+    taken as CHW images and stack to ``float32 [B, 3, H, W]``. In a loader worker the images are
+    stacked straight into shared memory (as torch's default collate does), so sending the batch
+    copies nothing more.
     """
-    pixels = np.asarray(batch[0][0]).dtype == np.uint8
+    first = np.asarray(batch[0][0])
+    pixels = first.dtype == np.uint8
     try:
-        images = np.stack([np.asarray(item[0]) if pixels else
-                           np.asarray(item[0], dtype=np.float32) for item in batch])
+        images = [np.asarray(item[0]) if pixels else np.asarray(item[0], dtype=np.float32)
+                  for item in batch]
         targets = np.stack([np.asarray(item[1], dtype=np.float32) for item in batch])
     except ValueError as e:
-        shapes = sorted({(np.shape(item[0]), np.shape(item[1])) for item in batch})
-        raise DataError(
-            f"training items must have fixed shapes (wrap the dataset in MosaicDetection); got "
-            f"image/target shapes {shapes}: {e}"
-        ) from None
-    layout_ok = images.ndim == 4 and (images.shape[-1] == 3 if pixels else images.shape[1] == 3)
-    # dtype too: a float item among 8-bit ones would stack to a float HWC batch.
-    dtype_ok = images.dtype == (np.uint8 if pixels else np.float32)
-    if not (layout_ok and dtype_ok) or targets.ndim != 3 or targets.shape[-1] != 5:
+        raise _shape_error(batch, e) from None
+    shape_ok = first.ndim == 3 and (first.shape[-1] == 3 if pixels else first.shape[0] == 3)
+    # dtype too: a float item among 8-bit ones would not be 8-bit HWC.
+    odd = next((im for im in images if im.dtype != images[0].dtype), images[0])
+    if not shape_ok or odd is not images[0] or targets.ndim != 3 or targets.shape[-1] != 5:
         expected = "uint8 HWC" if pixels else "CHW"
         raise DataError(
             f"training items must be {expected} images with 3 channels and [max_labels, 5] "
-            f"targets, got {images.dtype} {images.shape[1:]} and {targets.shape[1:]}"
+            f"targets, got {odd.dtype} {odd.shape} and {targets.shape[1:]}"
         )
-    return torch.from_numpy(images), torch.from_numpy(targets)
+    out = _batch_tensor((len(images), *first.shape), torch.uint8 if pixels else torch.float32)
+    try:
+        np.stack(images, out=out.numpy())
+    except ValueError as e:
+        raise _shape_error(batch, e) from None
+    return out, torch.from_numpy(targets)
+
+
+def _shape_error(batch: Sequence[Any], error: Exception) -> DataError:
+    shapes = sorted({(np.shape(item[0]), np.shape(item[1])) for item in batch})
+    return DataError(f"training items must have fixed shapes (wrap the dataset in "
+                     f"MosaicDetection); got image/target shapes {shapes}: {error}")
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a loader worker, in shared memory from the start."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def network_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -180,7 +201,7 @@ def _worker_init(seed: int, rank: int, worker_id: int) -> None:
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
-    lower_priority(INPUT_NICE)  # augmentation yields the cores to the training step
+    lower_priority(LOADER_NICE)  # augmentation yields the cores to the training step
     # Deliberately no cv2.setNumThreads() here: reconfiguring OpenCV's thread pool inherited
     # through fork() deadlocks (pthread_cond_destroy on the parent's pool state).
 
@@ -210,9 +231,40 @@ class _WorkerInit:
         _worker_init(self.seed, self.rank, worker_id)
 
 
+class _ContinuousBatches:
+    """What the DataLoader samples from: the batches of epoch after epoch, from ``start``
+    ``(epoch, batch)`` to the end of ``last_epoch`` (None: no end)."""
+
+    def __init__(self, sampler: EpochBatchSampler, last_epoch: int | None) -> None:
+        self.sampler = sampler
+        self.last_epoch = last_epoch
+        self.start = (0, 0)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
+        epoch, skip = self.start
+        last = None if self.last_epoch is None else max(self.last_epoch, epoch)
+        while last is None or epoch <= last:
+            for k, keys in enumerate(self.sampler.epoch_batches(epoch)):
+                if k >= skip:
+                    yield keys
+            epoch, skip = epoch + 1, 0
+
+
 class TrainLoader:
     """Iterable of ``(images, targets [B, max_labels, 5] float32)`` batches; images are
-    ``uint8 [B, H, W, 3]`` (or ``float32 [B, 3, H, W]``, see :func:`collate_train`)."""
+    ``uint8 [B, H, W, 3]`` (or ``float32 [B, 3, H, W]``, see :func:`collate_train`).
+
+    One epoch per iteration (``set_epoch`` first), but the workers' stream runs on: while the
+    last batches of an epoch train, they already make the first ones of the next, where a
+    DataLoader started afresh each epoch would have the step wait for a whole batch of
+    augmentation (on coco128 at batch 64, every second step). Iterating out of order (another
+    epoch, a resumed position via ``set_start_batch``) or ``close_mosaic`` restarts the stream.
+    ``epochs`` (the run's length) stops it after the last epoch instead of making batches
+    nobody takes.
+    """
 
     def __init__(
         self,
@@ -227,11 +279,16 @@ class TrainLoader:
         prefetch_factor: int = 2,
         multiprocessing_context: Any = None,
         pin_memory: bool = False,
+        epochs: int | None = None,
     ) -> None:
         self.dataset = dataset
         self.sampler = EpochBatchSampler(
             len(dataset), batch_size, seed, rank, world_size, drop_last, dataset=dataset
         )
+        self._batches = _ContinuousBatches(self.sampler, None if epochs is None else epochs - 1)
+        self._stream: Iterator[Any] | None = None
+        self._next = (0, 0)  # the (epoch, batch) the stream gives next
+        self._start_batch = 0
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs.update(
@@ -242,7 +299,7 @@ class TrainLoader:
             )
         self.loader = DataLoader(
             _SeededItems(dataset),
-            batch_sampler=self.sampler,
+            batch_sampler=self._batches,
             num_workers=num_workers,
             collate_fn=collate_train,
             pin_memory=pin_memory,
@@ -256,17 +313,37 @@ class TrainLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
+    def set_start_batch(self, batch: int) -> None:
+        """The next iteration starts at ``batch`` of the epoch (a resumed run): the batches
+        before it are skipped without being made."""
+        self._start_batch = int(batch)
+
     def close_mosaic(self) -> None:
         """No mosaic/mixup from the next epoch on, in every worker (persistent ones included)."""
         self.sampler.mosaic = False
         if hasattr(self.dataset, "close_mosaic"):
             self.dataset.close_mosaic()
+        self._stream = None  # batches already asked for were made with mosaic
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.loader)
+        start = (self.sampler.epoch, self._start_batch)
+        self._start_batch = 0
+        last = self._batches.last_epoch
+        if self._stream is None or self._next != start or (last is not None and start[0] > last):
+            self._batches.start = start
+            self._stream = iter(self.loader)
+            self._next = start
+        return self._epoch(*start)
+
+    def _epoch(self, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in range(first, len(self)):
+            item = next(self._stream)
+            self._next = (epoch, batch + 1)
+            yield item
+        self._next = (epoch + 1, 0)
 
 
 def build_train_loader(
@@ -282,7 +359,7 @@ def build_train_loader(
     """Training loader over ``dataset`` (normally a ``MosaicDetection``); see :class:`TrainLoader`.
 
     ``batch_size`` is per rank. Extra kwargs: ``persistent_workers``, ``prefetch_factor``,
-    ``multiprocessing_context``, ``pin_memory``.
+    ``multiprocessing_context``, ``pin_memory``, ``epochs``.
     """
     return TrainLoader(
         dataset, batch_size, num_workers, seed, rank, world_size, drop_last, **kwargs

@@ -19,7 +19,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from accelcore.data.augment import TrainTransform, mixup, random_affine
+from accelcore.data.augment import (
+    TrainTransform,
+    affine_matrix,
+    mixup,
+    source_window,
+    warp_affine,
+)
 from accelcore.data.preprocess import PAD_VALUE
 from accelcore.errors import DataError, ImageReadError
 
@@ -67,21 +73,40 @@ def mosaic_tile(
 
 
 def build_mosaic(
-    items: Sequence[tuple[np.ndarray, np.ndarray]], input_hw: Sequence[int], xc: int, yc: int
+    items: Sequence[tuple[np.ndarray, np.ndarray]],
+    input_hw: Sequence[int],
+    xc: int,
+    yc: int,
+    window: tuple[int, int, int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paste 4 (image, boxes) pairs, each resized to fit ``input_hw``, around (xc, yc) in a
     2H x 2W canvas; boxes are moved with their tile and clipped to the canvas.
+
+    With ``window`` ``(x1, y1, x2, y2)`` only that part of the canvas is filled in (the rest is
+    left uninitialised): all the mosaic's affine warp reads (:func:`source_window`), often
+    under half of the canvas. The boxes are the same either way.
     """
     input_h, input_w = int(input_hw[0]), int(input_hw[1])
-    canvas = np.full((input_h * 2, input_w * 2, 3), PAD_VALUE, dtype=np.uint8)
+    if window is None:
+        window = (0, 0, input_w * 2, input_h * 2)
+        canvas = np.full((input_h * 2, input_w * 2, 3), PAD_VALUE, dtype=np.uint8)
+    else:
+        canvas = np.empty((input_h * 2, input_w * 2, 3), dtype=np.uint8)
+        canvas[window[1]:window[3], window[0]:window[2]] = PAD_VALUE
+    wx1, wy1, wx2, wy2 = window
     all_boxes = []
     for i, (img, boxes) in enumerate(items):
         h0, w0 = img.shape[:2]
         s = min(input_h / h0, input_w / w0)
-        img = cv2.resize(img, (max(1, int(w0 * s)), max(1, int(h0 * s))), cv2.INTER_LINEAR)
+        size = (max(1, int(w0 * s)), max(1, int(h0 * s)))
+        if size != (w0, h0):  # at the same size OpenCV would only copy
+            img = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
         h, w = img.shape[:2]
         (dx1, dy1, dx2, dy2), (sx1, sy1, sx2, sy2) = mosaic_tile(i, xc, yc, w, h, input_h, input_w)
-        canvas[dy1:dy2, dx1:dx2] = img[sy1:sy2, sx1:sx2]
+        px1, py1, px2, py2 = max(dx1, wx1), max(dy1, wy1), min(dx2, wx2), min(dy2, wy2)
+        if px1 < px2 and py1 < py2:  # the tile's part inside the window
+            canvas[py1:py2, px1:px2] = img[sy1 + py1 - dy1 : sy1 + py2 - dy1,
+                                           sx1 + px1 - dx1 : sx1 + px2 - dx1]
         if len(boxes):
             moved = np.asarray(boxes, dtype=np.float32).copy()
             moved[:, [0, 2]] = moved[:, [0, 2]] * s + (dx1 - sx1)
@@ -216,17 +241,15 @@ class MosaicDetection:
             indices = [index] + [int(i) for i in rng.integers(0, n, 3)]
             pulled = [self._pull(i) for i in indices]
             img_id = pulled[0][3]
-            canvas, boxes = build_mosaic([(p[0], p[1]) for p in pulled], self.input_size, xc, yc)
-            img, boxes = random_affine(
-                canvas,
-                boxes,
-                self.input_size,
-                degrees=self.degrees,
-                translate=self.translate,
-                scale=self.mosaic_scale,
-                shear=self.shear,
-                rng=rng,
-            )
+            # The warp is drawn first (build_mosaic draws nothing, so the sequence is as
+            # before): the canvas is then filled only where the warp will read it.
+            canvas_hw = (2 * input_h, 2 * input_w)
+            m, scale = affine_matrix(canvas_hw, self.input_size, self.degrees, self.translate,
+                                     self.mosaic_scale, self.shear, rng)
+            window = source_window(m, self.input_size, canvas_hw)
+            canvas, boxes = build_mosaic([(p[0], p[1]) for p in pulled], self.input_size, xc, yc,
+                                         window)
+            img, boxes = warp_affine(canvas, boxes, m, scale, self.input_size)
             if self.enable_mixup and len(boxes) and rng.random() < self.mixup_prob:
                 img, boxes = self._mixup(img, boxes, rng)
         else:

@@ -83,7 +83,7 @@ def build_train_loader(dataset: Any, recipe: Any, input_size: tuple[int, int], r
                                           on_bad_image=recipe.data.on_bad_image)
     return _build(wrapped, recipe.train.batch_size // world_size,
                   num_workers=recipe.data.num_workers, seed=recipe.train.seed, rank=rank,
-                  world_size=world_size, drop_last=True)
+                  world_size=world_size, drop_last=True, epochs=recipe.train.epochs)
 
 
 def prepare_training(pm: PluginManager, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -1,6 +1,7 @@
-"""The project's C++ training kernels, compiled for the CPU they run on.
+"""The project's C++ kernels, compiled for the CPU they run on.
 
-A kernel ``<name>.cpp`` next to this module is built on first use with
+A kernel ``<name>.cpp`` next to this module (or in the directory its caller names: the data
+package's HSV kernel) is built on first use with
 ``torch.utils.cpp_extension`` (cached under ``TORCH_EXTENSIONS_DIR``, about a minute once) with
 ``-march=native``, and the build is keyed by this torch and the CPU's flags, so a machine with
 another instruction set builds its own.
@@ -25,17 +26,22 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def build(name: str) -> Any | None:
-    """The compiled module of ``<name>.cpp`` (None, with one warning, if it cannot be built)."""
+def build(name: str, directory: Path | None = None, exact_float: bool = False) -> Any | None:
+    """The compiled module of ``<name>.cpp`` in ``directory`` (default: next to this module);
+    None, with one warning, if it cannot be built. ``exact_float`` compiles without fast-math
+    and without fused multiply-adds, for a kernel that must round exactly as a reference does.
+    """
     from torch.utils import cpp_extension
 
-    source = Path(__file__).with_name(f"{name}.cpp")
+    source = (directory or Path(__file__).parent) / f"{name}.cpp"
     machine = f"{torch.__version__} {' '.join(sorted(real_cpu_flags()))}"
     key = hashlib.sha1(machine.encode()).hexdigest()[:10]
+    floats = ["-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"] if exact_float else [
+        "-ffast-math", *_division_flags()]
     try:
         return cpp_extension.load(
             name=f"accelcore_{name}_{key}", sources=[str(source)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", *_division_flags(), "-fopenmp"],
+            extra_cflags=["-O3", "-march=native", *floats, "-fopenmp"],
             extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no headers: the eager ops still train correctly
         log.warning("C++ kernel %s unavailable (%s); using the eager ops", name, one_line(exc))
