@@ -321,14 +321,6 @@ def mixup(
     return blended, np.concatenate([boxes.reshape(-1, 5).astype(np.float32), added], axis=0)
 
 
-def _fit(image: np.ndarray, input_hw: Sequence[int]) -> tuple[np.ndarray, float]:
-    """:func:`letterbox_hwc`, without its copy for an image already of the input size (every
-    mosaic sample): ratio 1, no resize, no padding — the same pixels."""
-    if image.ndim == 3 and image.shape[2] == 3 and image.shape[:2] == tuple(map(int, input_hw)):
-        return image, 1.0
-    return letterbox_hwc(image, input_hw)
-
-
 class TrainTransform:
     """Last training step: HSV jitter, flip, letterbox, boxes -> fixed ``[max_labels, 5]`` targets
     ``(class, cx, cy, w, h)`` in input pixels, zero padded. Returns ``(hwc_uint8, targets)``:
@@ -360,7 +352,7 @@ class TrainTransform:
         rng = _rng(rng)
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 5)
         if len(boxes) == 0:
-            canvas, _ = _fit(image, input_hw)
+            canvas, _ = letterbox_hwc(image, input_hw)
             return canvas, np.zeros((self.max_labels, 5), dtype=np.float32)
 
         original = image
@@ -368,12 +360,12 @@ class TrainTransform:
         if rng.random() < self.hsv_prob:
             image = augment_hsv(image, rng=rng)
         image, flipped = random_flip(image, boxes, self.flip_prob, rng)
-        canvas, ratio = _fit(image, input_hw)
+        canvas, ratio = letterbox_hwc(image, input_hw)
         cxcywh = xyxy_to_cxcywh(flipped[:, :4]) * ratio
         keep = np.minimum(cxcywh[:, 2], cxcywh[:, 3]) > 1
         if not keep.any():
             # Every box became sub-pixel: fall back to the un-augmented image and all its boxes,
             # as YOLOX does, rather than train on a labelled image with no labels.
-            canvas, ratio = _fit(original, input_hw)
+            canvas, ratio = letterbox_hwc(original, input_hw)
             return canvas, self._pack(boxes[:, 4], xyxy_to_cxcywh(boxes[:, :4]) * ratio)
         return canvas, self._pack(flipped[keep, 4], cxcywh[keep])

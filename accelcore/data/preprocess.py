@@ -43,11 +43,15 @@ def read_image(path: str | Path) -> np.ndarray:
 def letterbox_hwc(img: np.ndarray, input_size: Sequence[int]) -> tuple[np.ndarray, float]:
     """Keep-ratio resize into an ``input_size`` (H, W) canvas, top-left placed, padded with 114.
 
-    Returns the uint8 HWC canvas and the resize ratio (network pixels per original pixel).
+    Returns the uint8 HWC canvas and the resize ratio (network pixels per original pixel). An
+    image that already is ``input_size`` with 3 channels (every mosaic training sample) is
+    returned itself, ratio 1: the canvas would be the same pixels, copied.
     """
     if img.ndim == 2:  # grayscale: the model wants 3 channels
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
     out_h, out_w = int(input_size[0]), int(input_size[1])
+    if img.shape == (out_h, out_w, 3):
+        return img, 1.0
     h, w = img.shape[:2]
     ratio = min(out_h / h, out_w / w)
     # int() truncation as in YOLOX's preproc; max(1, …) keeps extreme aspect ratios usable.
