@@ -300,3 +300,63 @@ def test_loader_workers_fork_even_in_a_spawned_process() -> None:
     explicit = build_train_loader(wrap, batch_size=4, num_workers=1, seed=1,
                                   multiprocessing_context=spawn)
     assert explicit.loader.multiprocessing_context is spawn
+
+
+def test_workers_reuse_their_batch_buffers_and_never_overwrite_a_kept_batch(
+        tmp_path, monkeypatch) -> None:
+    """Persistent workers stack batches into a ring of shared buffers: over 40 batches (with a
+    stream restart mid-epoch and close_mosaic) they allocate only a ring's worth, every batch
+    equals the 0-worker loader's, and batches kept un-copied stay intact."""
+    from accelcore.data import shared_batches
+
+    made = tmp_path / "allocations.txt"
+    allocate = shared_batches.shared_tensor
+
+    def counted(shape, dtype):
+        with open(made, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return allocate(shape, dtype)
+
+    monkeypatch.setattr(shared_batches, "shared_tensor", counted)  # forked workers inherit it
+    loader = build_train_loader(make_wrap(16), 4, num_workers=2, seed=5)
+    reference = build_train_loader(make_wrap(16), 4, num_workers=0, seed=5)
+    kept, kept_copies = [], []
+    try:
+        for epoch in range(10):
+            if epoch == 7:
+                loader.close_mosaic()
+                reference.close_mosaic()
+            loader.set_epoch(epoch)
+            reference.set_epoch(epoch)
+            for k, ((x, t), (y, u)) in enumerate(zip(loader, reference, strict=True)):
+                assert torch.equal(x, y) and torch.equal(t, u), (epoch, k)
+                if k == 1:  # keep one batch an epoch, as it is
+                    kept.append(x)
+                    kept_copies.append(x.clone())
+                if epoch == 3 and k == 2:
+                    break  # out of order: the stream restarts and drops its prefetched batches
+            if epoch == 3:
+                loader.set_epoch(3)
+                loader.set_start_batch(3)
+                reference.set_epoch(3)
+                assert torch.equal(next(iter(loader))[0], list(reference)[3][0])
+        assert all(torch.equal(a, b) for a, b in zip(kept, kept_copies, strict=True))
+        allocations = made.read_text().split()
+        per_worker = {pid: allocations.count(pid) for pid in set(allocations)}
+        ring = loader.loader.prefetch_factor + loader.SPARE_BUFFERS
+        assert len(per_worker) == 2
+        # A ring per worker, plus at most one new buffer for each batch kept.
+        assert all(n <= ring + len(kept) for n in per_worker.values()), per_worker
+        assert sum(per_worker.values()) <= 2 * ring + len(kept), per_worker
+    finally:
+        del loader
+
+
+def test_ring_collate_outside_a_worker_is_a_plain_collate() -> None:
+    from accelcore.data.loader import collate_train
+    from accelcore.data.shared_batches import BatchBoard
+
+    items = [(np.full((8, 8, 3), i, np.uint8), np.zeros((2, 5), np.float32)) for i in range(3)]
+    images, targets, lease = BatchBoard(1, 2).collate(collate_train)(items)
+    assert lease is None and images.shape == (3, 8, 8, 3) and targets.shape == (3, 2, 5)
+    assert not images.is_shared()

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from accelcore.data.preprocess import letterbox
+from accelcore.data.shared_batches import Allocate, BatchBoard, new_tensor
 from accelcore.errors import DataError
 from accelcore.runtime import LOADER_NICE, lower_priority
 
@@ -132,15 +133,16 @@ class _SeededItems(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def collate_train(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_train(batch: Sequence[Any], allocate: Allocate = new_tensor,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(image, targets [max_labels, 5], …)`` items into ``(images, targets)``.
 
     8-bit HWC items (what ``MosaicDetection`` gives) stack to ``uint8 [B, H, W, 3]``: a worker
     then hands the training process a quarter of the bytes of a float batch, and
     :func:`network_input` makes the float input there in one pass. Items of any other dtype are
-    taken as CHW images and stack to ``float32 [B, 3, H, W]``. In a loader worker the images are
-    stacked straight into shared memory (as torch's default collate does), so sending the batch
-    copies nothing more.
+    taken as CHW images and stack to ``float32 [B, 3, H, W]``. The images are stacked straight
+    into ``allocate(shape, dtype)``: by default, in a loader worker, a shared-memory tensor, so
+    sending the batch copies nothing more (:mod:`accelcore.data.shared_batches`).
     """
     first = np.asarray(batch[0][0])
     pixels = first.dtype == np.uint8
@@ -159,7 +161,7 @@ def collate_train(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
             f"training items must be {expected} images with 3 channels and [max_labels, 5] "
             f"targets, got {odd.dtype} {odd.shape} and {targets.shape[1:]}"
         )
-    out = _batch_tensor((len(images), *first.shape), torch.uint8 if pixels else torch.float32)
+    out = allocate((len(images), *first.shape), torch.uint8 if pixels else torch.float32)
     try:
         np.stack(images, out=out.numpy())
     except ValueError as e:
@@ -171,14 +173,6 @@ def _shape_error(batch: Sequence[Any], error: Exception) -> DataError:
     shapes = sorted({(np.shape(item[0]), np.shape(item[1])) for item in batch})
     return DataError(f"training items must have fixed shapes (wrap the dataset in "
                      f"MosaicDetection); got image/target shapes {shapes}: {error}")
-
-
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; in a loader worker, in shared memory from the start."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def network_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -264,7 +258,15 @@ class TrainLoader:
     epoch, a resumed position via ``set_start_batch``) or ``close_mosaic`` restarts the stream.
     ``epochs`` (the run's length) stops it after the last epoch instead of making batches
     nobody takes.
+
+    Persistent workers stack their batches into a ring of shared-memory buffers they reuse
+    (:mod:`accelcore.data.shared_batches`); a buffer is written again only once nothing holds
+    the batch that was in it, so batches may be kept as long as wanted.
     """
+
+    #: Buffers a worker may have beyond ``prefetch_factor``: the batch being trained on, the one
+    #: before it (still bound while the next is fetched) and two for batches kept longer.
+    SPARE_BUFFERS = 4
 
     def __init__(
         self,
@@ -290,6 +292,11 @@ class TrainLoader:
         self._next = (0, 0)  # the (epoch, batch) the stream gives next
         self._start_batch = 0
         kwargs: dict[str, Any] = {}
+        self._board: BatchBoard | None = None
+        collate: Any = collate_train
+        if num_workers > 0 and persistent_workers and not pin_memory:
+            self._board = BatchBoard(num_workers, prefetch_factor + self.SPARE_BUFFERS)
+            collate = self._board.collate(collate_train)
         if num_workers > 0:
             kwargs.update(
                 persistent_workers=persistent_workers,
@@ -301,7 +308,7 @@ class TrainLoader:
             _SeededItems(dataset),
             batch_sampler=self._batches,
             num_workers=num_workers,
-            collate_fn=collate_train,
+            collate_fn=collate,
             pin_memory=pin_memory,
             **kwargs,
         )
@@ -340,10 +347,20 @@ class TrainLoader:
 
     def _epoch(self, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in range(first, len(self)):
-            item = next(self._stream)
-            self._next = (epoch, batch + 1)
-            yield item
+            # Yielded straight from the call: a local would hold the batch while suspended.
+            yield self._take((epoch, batch + 1))
         self._next = (epoch + 1, 0)
+
+    def _take(self, then: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._board is not None:
+            self._board.release_unused()
+        item = next(self._stream)
+        self._next = then
+        if self._board is None:
+            return item
+        images, targets, lease = item
+        self._board.received(lease, images)
+        return images, targets
 
 
 def build_train_loader(
