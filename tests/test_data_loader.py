@@ -360,3 +360,31 @@ def test_ring_collate_outside_a_worker_is_a_plain_collate() -> None:
     images, targets, lease = BatchBoard(1, 2).collate(collate_train)(items)
     assert lease is None and images.shape == (3, 8, 8, 3) and targets.shape == (3, 2, 5)
     assert not images.is_shared()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc process states")
+def test_workers_paused_stops_the_worker_processes_and_continues_them() -> None:
+    import time
+    from pathlib import Path
+
+    def state(pid: int) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    loader = build_train_loader(make_wrap(16), 4, num_workers=2, seed=5)
+    reference = build_train_loader(make_wrap(16), 4, num_workers=0, seed=5)
+    try:
+        got = iter(collect(loader, 0))  # workers started (and, persistent, still there)
+        pids = [pid for pid in loader._worker_pids.tolist() if pid > 0]
+        assert len(pids) == 2
+        with loader.workers_paused():
+            assert all(state(pid) in "Tt" for pid in pids)
+        time.sleep(0.1)
+        assert all(state(pid) not in "Tt" for pid in pids)
+        for (x, _), (y, _) in zip(got, collect(reference, 0), strict=True):
+            assert torch.equal(x, y)
+        with loader.workers_paused():
+            pass
+        for (x, _), (y, _) in zip(collect(loader, 1), collect(reference, 1), strict=True):
+            assert torch.equal(x, y)
+    finally:
+        del loader

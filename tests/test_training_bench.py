@@ -16,8 +16,10 @@ from accelcore.errors import RecipeError
 from accelcore.training.bench import (
     CONFIG_ENV,
     CONFIGS,
+    PAIRED_BLOCK,
     _environment,
     _pool_rounds,
+    _time_paired,
     _variant,
     bench_train,
     config_overrides,
@@ -95,6 +97,47 @@ def test_rounds_pool_step_times_and_keep_failures():
     assert b["status"] == "failed" and b["reason"] == "died"
     with pytest.raises(RecipeError, match="--rounds must be >= 1"):
         bench_train(load_recipe(data={}), ["fp32"], ["compute"], rounds=0)
+
+
+def test_both_modes_alternate_in_blocks_with_the_workers_stopped_for_compute():
+    import contextlib
+    import types
+
+    events = []
+
+    class Loader:
+        paused = False
+
+        def set_epoch(self, epoch):
+            pass
+
+        def __iter__(self):
+            return iter([("batch", "targets")] * 100)
+
+        @contextlib.contextmanager
+        def workers_paused(self):
+            self.paused = True
+            yield
+            self.paused = False
+
+    loader = Loader()
+
+    def train_one_iter(images, targets, multiscale):
+        mode = "e2e" if multiscale else "compute"
+        assert (images == "batch") == multiscale and loader.paused == (mode == "compute")
+        events.append((mode, trainer.state.iteration))
+
+    trainer = types.SimpleNamespace(state=types.SimpleNamespace(iteration=None),
+                                    train_one_iter=train_one_iter)
+    times = _time_paired(trainer, iters=5, warmup=1, fixed=("fixed", "targets"), loader=loader)
+    assert len(times["compute"]) == len(times["e2e"]) == 5
+    modes = [mode for mode, _ in events]
+    b = PAIRED_BLOCK
+    assert modes == ["compute", "e2e"] + (["compute"] * b + ["e2e"] * b) * (5 // b) + [
+        "compute", "e2e"] * (5 % b)
+    # each mode follows its own iteration count (lr, multiscale schedule) from 0
+    for mode in ("compute", "e2e"):
+        assert [it for m, it in events if m == mode] == list(range(6))
 
 
 def test_ratios_against_a_chosen_baseline_also_per_round(monkeypatch):

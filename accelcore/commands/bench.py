@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "median img/s and the ratio to `stock` (plain PyTorch: fp32 eager, no "
                     "allocator tuning, default threads), each configuration in its own process. "
                     "Modes: compute (fixed preloaded batch) and e2e (real loader with mosaic and "
-                    "multiscale). `auto` is train.precision: auto. "
+                    "multiscale), measured in alternating blocks of steps with the loader's "
+                    "workers stopped during compute. `auto` is train.precision: auto. "
                     f"Configs: {', '.join(CONFIGS)}.")
     t.add_argument("recipe", help="recipe YAML file")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -10,10 +10,15 @@ the same way: ``close_mosaic()`` in the main process reaches persistent workers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
+import os
 import random
+import signal
+import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -216,13 +221,26 @@ def _worker_context() -> Any:
 
 
 class _WorkerInit:
-    """Picklable worker_init_fn (also works with the spawn start method)."""
+    """Picklable worker_init_fn (also works with the spawn start method); with ``pids`` (a
+    shared tensor, one entry per worker), each worker writes its process id there."""
 
-    def __init__(self, seed: int, rank: int) -> None:
-        self.seed, self.rank = seed, rank
+    def __init__(self, seed: int, rank: int, pids: torch.Tensor | None = None) -> None:
+        self.seed, self.rank, self.pids = seed, rank, pids
 
     def __call__(self, worker_id: int) -> None:
         _worker_init(self.seed, self.rank, worker_id)
+        if self.pids is not None:
+            self.pids[worker_id] = os.getpid()
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of ``pid`` if it is a child of this process (a worker, not a recycled
+    id), else ``""``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    return fields[0] if int(fields[1]) == os.getpid() else ""
 
 
 class _ContinuousBatches:
@@ -297,11 +315,12 @@ class TrainLoader:
         if num_workers > 0 and persistent_workers and not pin_memory:
             self._board = BatchBoard(num_workers, prefetch_factor + self.SPARE_BUFFERS)
             collate = self._board.collate(collate_train)
+        self._worker_pids = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
         if num_workers > 0:
             kwargs.update(
                 persistent_workers=persistent_workers,
                 prefetch_factor=prefetch_factor,
-                worker_init_fn=_WorkerInit(seed, rank),
+                worker_init_fn=_WorkerInit(seed, rank, self._worker_pids),
                 multiprocessing_context=multiprocessing_context or _worker_context(),
             )
         self.loader = DataLoader(
@@ -334,6 +353,28 @@ class TrainLoader:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    @contextlib.contextmanager
+    def workers_paused(self) -> Iterator[None]:
+        """The worker processes stopped (SIGSTOP) for the block, then continued where they were:
+        a benchmark's compute-only steps interleaved with end-to-end ones then share nothing
+        with the loader, and the end-to-end steps find it exactly as they left it."""
+        pids = [pid for pid in self._worker_pids.tolist() if pid > 0 and _process_state(pid)]
+        stopped = []
+        try:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+            deadline = time.monotonic() + 1.0  # a signal is delivered soon, not at once
+            while (time.monotonic() < deadline
+                   and any(_process_state(pid) not in ("T", "t", "") for pid in stopped)):
+                time.sleep(0.001)
+            yield
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start = (self.sampler.epoch, self._start_batch)

@@ -6,6 +6,9 @@ precision plugin, layout, optimizer, EMA) with a fresh model from the same seed.
 * ``compute``: one preloaded batch at the recipe's input size, repeated — the step alone;
 * ``e2e``: the real loader (mosaic, mixup, HSV, flip) and multiscale resizing, as in training.
 
+Both modes are measured side by side: alternating blocks of :data:`PAIRED_BLOCK` steps, the
+loader's workers stopped during the compute blocks (:func:`_time_paired`).
+
 A configuration is a name from :data:`CONFIGS`, optionally followed by plugin-declared training
 features (``train.features``): ``bf16_cl+NAME`` is ``bf16_cl`` with feature ``NAME`` on.
 ``stock`` is what a user has before accelcore: fp32 eager NCHW with no allocator tuning and
@@ -80,6 +83,8 @@ CONFIG_ENV: dict[str, dict[str, str]] = {
 DEFAULT_CONFIGS = ("stock", "fp32", "fp32_cl_torch", "fp32_cl", "bf16_cl", "auto")
 FEATURE_SEPARATOR = "+"
 MODES = ("compute", "e2e")
+#: Steps per block when both modes are measured: they alternate in blocks this long.
+PAIRED_BLOCK = 2
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "ema")
 
 
@@ -138,6 +143,44 @@ def _time_steps(t: Trainer, mode: str, iters: int, warmup: int,
     return times
 
 
+def _time_paired(t: Trainer, iters: int, warmup: int, fixed: tuple[torch.Tensor, torch.Tensor],
+                 loader: Any) -> dict[str, list[float]]:
+    """Both modes' step times, measured in alternating blocks of :data:`PAIRED_BLOCK` steps (after
+    ``warmup`` steps of each), the loader's workers stopped during the compute blocks.
+
+    A shared host's speed drifts 20-45% within a minute; steps of both modes taken seconds apart
+    see the same drift, so their ratio does not depend on which mode ran in a fast stretch.
+    Stopped, the workers take nothing from the compute steps, and the end-to-end steps find the
+    loader exactly as the previous end-to-end block left it: as in one continuous run.
+    """
+    source = _batches(loader)
+    done = {"compute": 0, "e2e": 0}
+    times: dict[str, list[float]] = {"compute": [], "e2e": []}
+
+    def block(mode: str, steps: int, timed: bool) -> None:
+        for _ in range(steps):
+            t.state.iteration = done[mode]  # each mode's own lr and multiscale sequence
+            t0 = time.perf_counter()
+            if mode == "e2e":
+                images, targets = next(source)
+                t.train_one_iter(images, targets, multiscale=True)
+            else:
+                t.train_one_iter(*fixed, multiscale=False)
+            if timed:
+                times[mode].append(time.perf_counter() - t0)
+            done[mode] += 1
+
+    with loader.workers_paused():
+        block("compute", warmup, timed=False)
+    block("e2e", warmup, timed=False)
+    while len(times["e2e"]) < iters:
+        steps = min(PAIRED_BLOCK, iters - len(times["e2e"]))
+        with loader.workers_paused():
+            block("compute", steps, timed=True)
+        block("e2e", steps, timed=True)
+    return times
+
+
 def _check_args(configs: list[str] | tuple[str, ...], modes: list[str] | tuple[str, ...],
                 iters: int, warmup: int) -> None:
     for name in configs:
@@ -181,8 +224,12 @@ def _config_rows(recipe: Any, name: str, modes: list[str] | tuple[str, ...], ite
     chosen = f"{t.cfg.precision}{' + channels_last' if t.cfg.channels_last else ''}"
     batch = int(fixed[0].shape[0])
     rows = []
+    if set(modes) == set(MODES) and hasattr(loader, "workers_paused"):
+        paired = _time_paired(t, iters, warmup, fixed, loader)
+    else:
+        paired = {}
     for mode in modes:
-        times = _time_steps(t, mode, iters, warmup, fixed, loader)
+        times = paired.get(mode) or _time_steps(t, mode, iters, warmup, fixed, loader)
         med = statistics.median(times)
         rows.append({"config": name, "mode": mode, "img_per_s": batch / med, "speedup": None,
                      "step_ms": 1000 * med, "status": "ok", "reason": "", "precision": chosen,
