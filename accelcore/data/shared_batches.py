@@ -49,7 +49,7 @@ def new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return shared_tensor(shape, dtype)
 
 
-def _use_count(storage: torch.UntypedStorage) -> int:
+def _use_count(storage: torch.UntypedStorage) -> float:
     """How many holders the storage has (tensors, views, storage objects). Without the counter
     (a torch that lacks it) slots are never freed: the workers fall back to fresh segments."""
     counter = getattr(torch._C, "_storage_Use_Count", None)

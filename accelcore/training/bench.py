@@ -131,16 +131,24 @@ def _time_steps(t: Trainer, mode: str, iters: int, warmup: int,
     source = _batches(loader) if mode == "e2e" else None
     times = []
     for k in range(warmup + iters):
-        t0 = time.perf_counter()
-        if source is not None:
-            images, targets = next(source)
-            t.train_one_iter(images, targets, multiscale=True)
-        else:
-            t.train_one_iter(*fixed, multiscale=False)
+        seconds = _timed_step(t, source, fixed)
         t.state.iteration += 1
         if k >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
     return times
+
+
+def _timed_step(t: Trainer, source: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
+                fixed: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Seconds of one training step: on the loader's next batch (``source``), multiscale as in
+    training, or without a source on the fixed batch."""
+    t0 = time.perf_counter()
+    if source is not None:
+        images, targets = next(source)
+        t.train_one_iter(images, targets, multiscale=True)
+    else:
+        t.train_one_iter(*fixed, multiscale=False)
+    return time.perf_counter() - t0
 
 
 def _time_paired(t: Trainer, iters: int, warmup: int, fixed: tuple[torch.Tensor, torch.Tensor],
@@ -160,14 +168,9 @@ def _time_paired(t: Trainer, iters: int, warmup: int, fixed: tuple[torch.Tensor,
     def block(mode: str, steps: int, timed: bool) -> None:
         for _ in range(steps):
             t.state.iteration = done[mode]  # each mode's own lr and multiscale sequence
-            t0 = time.perf_counter()
-            if mode == "e2e":
-                images, targets = next(source)
-                t.train_one_iter(images, targets, multiscale=True)
-            else:
-                t.train_one_iter(*fixed, multiscale=False)
+            seconds = _timed_step(t, source if mode == "e2e" else None, fixed)
             if timed:
-                times[mode].append(time.perf_counter() - t0)
+                times[mode].append(seconds)
             done[mode] += 1
 
     with loader.workers_paused():
